@@ -1,0 +1,363 @@
+"""The socket API of DESIGN.md §5: request validation, access checks and responses.
+
+Every handler validates its input completely before acting, answers bad input with a 400 that
+names the field, and never echoes request bodies into logs (they may hold key material, e.g. an
+imported PEM). Access is decided from the connection's SO_PEERCRED credentials against the
+configured policy (permissions: sign, jwt, admin).
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from agent.crypto import (
+    ALGORITHMS,
+    b64url_decode,
+    b64url_encode,
+    encode_jwt,
+    load_pem_private_key,
+)
+from agent.httpd import ApiError, Request, Response, json_response
+from agent.keyring import NotReady
+from agent.policy import KeyState, PolicyRefusal, jwks_max_age, key_state, published_keys
+from agent.timing import SECOND
+from backends.base import BackendError
+from consensus.store import StoreError
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+# Claims the agent sets itself; a caller may narrow `exp` but never extend it past the cap.
+_RESERVED_CLAIMS = frozenset({"iat"})
+
+
+class Api:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.routes: dict[tuple[str, str], Handler] = {
+            ("POST", "/v1/sign"): self.sign,
+            ("POST", "/v1/jwt"): self.jwt,
+            ("GET", "/v1/jwks"): self.jwks,
+            ("GET", "/v1/status"): self.status,
+            ("GET", "/healthz"): self.healthz,
+            ("GET", "/metrics"): self.metrics,
+            ("POST", "/v1/admin/rotate"): self.rotate,
+            ("POST", "/v1/admin/rollback"): self.rollback,
+            ("POST", "/v1/admin/revoke"): self.revoke,
+            ("POST", "/v1/admin/import"): self.import_pem,
+        }
+        self.paths = {path for _, path in self.routes}
+
+    async def handle(self, request: Request) -> Response:
+        handler = self.routes.get((request.method, request.path))
+        metrics = self.agent.metrics
+        if handler is None:
+            metrics.inc("keyquorum_requests_total", path="other", code="404")
+            if request.path in self.paths:
+                raise ApiError(
+                    405, "method_not_allowed", f"{request.method} {request.path} is not supported"
+                )
+            raise ApiError(404, "not_found", f"no such endpoint: {request.path}")
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            metrics.inc("keyquorum_requests_total", path=request.path, code=str(exc.status))
+            raise
+        metrics.inc("keyquorum_requests_total", path=request.path, code=str(response.status))
+        return response
+
+    # ---- signing -------------------------------------------------------------------------------
+
+    async def sign(self, request: Request) -> Response:
+        self._allow(request, "sign")
+        body = _json_object(request, allowed={"payload", "payloads"})
+        if ("payload" in body) == ("payloads" in body):
+            raise ApiError(400, "bad_request", "give exactly one of 'payload' or 'payloads'")
+        signer = self._signer()
+        if "payload" in body:
+            payload = _b64_field(body["payload"], "payload")
+            signature = signer.sign(payload)
+            self.agent.metrics.inc("keyquorum_signatures_total", kid=signer.kid)
+            return json_response(
+                {"kid": signer.kid, "alg": signer.alg, "signature": b64url_encode(signature)}
+            )
+        payloads = body["payloads"]
+        if not isinstance(payloads, list) or not payloads:
+            raise ApiError(
+                400, "bad_request", "'payloads' must be a non-empty list of base64url strings"
+            )
+        limit = self.agent.config.socket.max_batch
+        if len(payloads) > limit:
+            raise ApiError(
+                413, "too_large", f"batch of {len(payloads)} exceeds socket.max_batch={limit}"
+            )
+        data = [_b64_field(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
+        signatures = [b64url_encode(signer.sign(d)) for d in data]
+        self.agent.metrics.inc("keyquorum_signatures_total", len(data), kid=signer.kid)
+        return json_response({"kid": signer.kid, "alg": signer.alg, "signatures": signatures})
+
+    async def jwt(self, request: Request) -> Response:
+        self._allow(request, "jwt")
+        body = _json_object(request, allowed={"claims", "ttl_seconds"})
+        claims = body.get("claims")
+        if not isinstance(claims, dict):
+            raise ApiError(400, "bad_request", "'claims' must be a JSON object")
+        config = self.agent.config
+        cap = config.keys.timing.max_token_ttl // SECOND
+        ttl = body.get("ttl_seconds", config.jwt.default_ttl // SECOND)
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
+            raise ApiError(400, "bad_request", "'ttl_seconds' must be a positive integer")
+        ttl = min(ttl, cap)
+        reserved = _RESERVED_CLAIMS & claims.keys()
+        if reserved:
+            raise ApiError(400, "bad_request", f"claims {sorted(reserved)} are set by the agent")
+        now_ms = self.agent.clock()
+        iat = now_ms // 1000
+        exp = iat + ttl
+        if "exp" in claims:
+            wanted = claims["exp"]
+            if not isinstance(wanted, int) or isinstance(wanted, bool):
+                raise ApiError(400, "bad_request", "'exp' must be an integer NumericDate")
+            if wanted > iat + cap:
+                raise ApiError(
+                    400,
+                    "exp_beyond_cap",
+                    f"'exp' {wanted} is beyond the cap of keys.max_token_ttl={cap}s "
+                    f"(latest allowed {iat + cap})",
+                )
+            if wanted <= iat:
+                raise ApiError(400, "bad_request", "'exp' is not in the future")
+            exp = wanted
+        issuer = config.jwt.issuer
+        if issuer is not None:
+            if claims.get("iss", issuer) != issuer:
+                raise ApiError(
+                    403, "forbidden", f"this agent issues tokens only for iss={issuer!r}"
+                )
+            claims["iss"] = issuer
+        if config.jwt.audience is not None:
+            claims.setdefault("aud", config.jwt.audience)
+        signer = self._signer()
+        token = encode_jwt(signer, {**claims, "iat": iat, "exp": exp})
+        self.agent.metrics.inc("keyquorum_jwts_total", kid=signer.kid)
+        return json_response({"token": token, "kid": signer.kid, "expires_at": exp})
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    async def jwks(self, request: Request) -> Response:
+        agent = self.agent
+        now = agent.clock()
+        keyset = agent.keyring.keyset
+        keys = [dict(r.jwk) for r in published_keys(keyset, now)]
+        max_age = jwks_max_age(keyset, now, agent.timing)
+        return json_response(
+            {"keys": keys}, headers=(("cache-control", f"public, max-age={max_age}"),)
+        )
+
+    async def healthz(self, request: Request) -> Response:
+        state, reasons = self.agent.health()
+        status = 503 if state == "unavailable" else 200
+        return json_response({"status": state, "reasons": reasons}, status=status)
+
+    async def status(self, request: Request) -> Response:
+        return json_response(status_document(self.agent))
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(200, render_metrics(self.agent).encode(), "text/plain; version=0.0.4")
+
+    # ---- administration -------------------------------------------------------------------
+
+    async def rotate(self, request: Request) -> Response:
+        self._allow(request, "admin")
+        _json_object(request, allowed=set())
+        record = await self._admin(self.agent.admin_rotate())
+        return json_response(
+            {"created": record.kid, "alg": record.alg, "status": status_document(self.agent)}
+        )
+
+    async def rollback(self, request: Request) -> Response:
+        self._allow(request, "admin")
+        _json_object(request, allowed=set())
+        await self._admin(self.agent.admin_rollback())
+        return json_response({"status": status_document(self.agent)})
+
+    async def revoke(self, request: Request) -> Response:
+        self._allow(request, "admin")
+        body = _json_object(request, allowed={"kid"})
+        kid = body.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise ApiError(400, "bad_request", "'kid' must be a non-empty string")
+        await self._admin(self.agent.admin_revoke(kid))
+        return json_response({"revoked": kid, "status": status_document(self.agent)})
+
+    async def import_pem(self, request: Request) -> Response:
+        self._allow(request, "admin")
+        body = _json_object(request, allowed={"pem", "alg"})
+        pem, alg = body.get("pem"), body.get("alg")
+        if not isinstance(pem, str) or not pem:
+            raise ApiError(400, "bad_request", "'pem' must be a PEM-encoded private key string")
+        if alg is not None and alg not in ALGORITHMS:
+            raise ApiError(
+                400,
+                "unknown_algorithm",
+                f"unknown algorithm {alg!r}; use one of {', '.join(sorted(ALGORITHMS))}",
+            )
+        try:
+            key, alg = load_pem_private_key(pem.encode(), alg)
+        except ValueError as exc:
+            raise ApiError(400, "bad_key", f"cannot import the key: {exc}") from None
+        record = await self._admin(self.agent.admin_rotate(origin_key=(key, alg)))
+        return json_response(
+            {"imported": record.kid, "alg": record.alg, "status": status_document(self.agent)}
+        )
+
+    async def _admin(self, operation: Awaitable[Any]) -> Any:
+        try:
+            return await operation
+        except PolicyRefusal as exc:
+            raise ApiError(409, "refused", str(exc)) from None
+        except (StoreError, BackendError, NotReady) as exc:
+            raise ApiError(503, "unavailable", str(exc)) from None
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _signer(self) -> Any:
+        try:
+            return self.agent.keyring.current(self.agent.clock())
+        except NotReady as exc:
+            self.agent.metrics.inc("keyquorum_sign_unavailable_total")
+            raise ApiError(503, "not_ready", f"cannot sign now: {exc}") from None
+
+    def _allow(self, request: Request, permission: str) -> None:
+        rule = getattr(self.agent.config.access, permission)
+        peer = request.peer
+        if not rule.allows(peer.uid, peer.gid, peer.groups):
+            raise ApiError(
+                403,
+                "forbidden",
+                f"uid {peer.uid} (gid {peer.gid}, pid {peer.pid}) lacks the '{permission}' "
+                f"permission; grant it under [access.{permission}] in the agent config",
+            )
+
+
+def _json_object(request: Request, *, allowed: set[str]) -> dict[str, Any]:
+    body = request.body
+    if not body.strip():
+        if not allowed:
+            return {}
+        raise ApiError(400, "bad_request", "the request body must be a JSON object")
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "bad_request", "the request body must be a JSON object")
+    unknown = set(value) - allowed
+    if unknown:
+        raise ApiError(
+            400, "unknown_field", f"unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+        )
+    return value
+
+
+def _b64_field(value: object, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise ApiError(400, "bad_request", f"'{name}' must be a base64url string")
+    try:
+        return b64url_decode(value)
+    except (ValueError, binascii.Error) as exc:
+        raise ApiError(
+            400, "bad_base64", f"'{name}' is not valid base64url (no padding): {exc}"
+        ) from None
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return (
+        datetime.fromtimestamp(ms / 1000, tz=UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def status_document(agent: Agent) -> dict[str, Any]:
+    now = agent.clock()
+    keyset = agent.keyring.keyset
+    state, reasons = agent.health()
+    member = agent.member_view(now)
+    keys = []
+    for record in keyset.keys if keyset else ():
+        keys.append(
+            {
+                "kid": record.kid,
+                "alg": record.alg,
+                "state": str(key_state(keyset, record, now)) if keyset else None,
+                "origin": record.origin,
+                "created_at": iso(record.created_at),
+                "activate_at": iso(record.activate_at),
+                "deactivate_at": iso(record.deactivate_at),
+                "expires_at": iso(record.expires_at),
+                "withdrawn": record.withdrawn,
+                "loaded": record.kid in agent.keyring.signers,
+                "endorsement": record.endorsement,
+            }
+        )
+    plan = agent.last_plan
+    role, leader, term = agent.role()
+    return {
+        "node_id": agent.node_id,
+        "now": iso(now),
+        "role": role,
+        "leader": leader,
+        "term": term,
+        "health": {"status": state, "reasons": reasons},
+        "signing_kid": member.signing,
+        "generation": keyset.generation if keyset else None,
+        "revision": agent.revision,
+        "last_change": dict(keyset.last_change) if keyset else None,
+        "plan": {"reason": plan.reason, "next_check_at": iso(plan.next_check_at)} if plan else None,
+        "members": [
+            {"node_id": m.node_id, "loaded": sorted(m.loaded), "signing": m.signing}
+            for m in agent.members(now).values()
+        ],
+        "keys": keys,
+        "store": agent.store.description,
+        "backend": agent.wrapper.describe(),
+    }
+
+
+def render_metrics(agent: Agent) -> str:
+    now = agent.clock()
+    keyset = agent.keyring.keyset
+    lines: list[str] = []
+    for (name, labels), value in sorted(agent.metrics.counters.items()):
+        lines.append(f"{name}{_labels(labels)} {value:g}")
+    counts: dict[str, int] = {s.value: 0 for s in KeyState}
+    for record in keyset.keys if keyset else ():
+        counts[key_state(keyset, record, now).value] += 1  # type: ignore[arg-type]
+    for state_name, count in counts.items():
+        lines.append(f'keyquorum_keys{{state="{state_name}"}} {count}')
+    state, _ = agent.health()
+    lines.append(f"keyquorum_can_sign {0 if state == 'unavailable' else 1}")
+    lines.append(f"keyquorum_degraded {1 if state == 'degraded' else 0}")
+    lines.append(f"keyquorum_is_leader {1 if agent.role()[0] == 'leader' else 0}")
+    lines.append(f"keyquorum_keyset_generation {keyset.generation if keyset else 0}")
+    lines.append(f"keyquorum_keys_loaded {len(agent.keyring.signers)}")
+    server = getattr(agent, "server", None)
+    if server is not None:
+        lines.append(f"keyquorum_connections_active {server.connections_active}")
+    return "\n".join(lines) + "\n"
+
+
+def _labels(labels: tuple[tuple[str, str], ...] | Mapping[str, str]) -> str:
+    items = labels.items() if isinstance(labels, Mapping) else labels
+    if not items:
+        return ""
+    return "{" + ",".join(f'{k}="{v}"' for k, v in items) + "}"

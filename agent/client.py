@@ -1,0 +1,387 @@
+"""Python client of the agent's socket API (DESIGN.md §5): `Client` (sync) and `AsyncClient` (trio).
+
+Both keep one HTTP/1.1 keep-alive connection to the Unix socket. Errors from the agent arrive as
+`AgentError` (status, code, message from the JSON error body); a socket that is missing, refused
+or not permitted raises `AgentUnreachable`, naming the path and what to check.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import h11
+import trio
+
+
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class SignResult:
+    kid: str
+    alg: str
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSignResult:
+    kid: str
+    alg: str
+    signatures: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class JwtResult:
+    token: str
+    kid: str
+    expires_at: int
+
+
+class AgentError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class AgentUnreachable(AgentError):
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            0,
+            "unreachable",
+            f"cannot reach the keyquorum agent at {path}: {reason} "
+            "(is `keyquorum run` running, is --socket / KEYQUORUM_SOCKET right, "
+            "and may this user open the socket?)",
+        )
+
+
+_MAX_AGE = re.compile(r"max-age=(\d+)")
+
+
+def _error_from(status: int, body: bytes) -> AgentError:
+    try:
+        error = json.loads(body)["error"]
+        return AgentError(status, str(error["code"]), str(error["message"]))
+    except (ValueError, KeyError, TypeError):
+        return AgentError(status, "http_error", body[:200].decode("utf-8", "replace"))
+
+
+def _sign_body(payload: bytes) -> dict[str, Any]:
+    return {"payload": b64url_encode(payload)}
+
+
+def _parse_sign(doc: Mapping[str, Any]) -> SignResult:
+    return SignResult(doc["kid"], doc["alg"], _b64url_decode(doc["signature"]))
+
+
+def _parse_batch(doc: Mapping[str, Any]) -> BatchSignResult:
+    return BatchSignResult(doc["kid"], doc["alg"], [_b64url_decode(s) for s in doc["signatures"]])
+
+
+def _jwt_body(claims: Mapping[str, Any], ttl_seconds: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"claims": dict(claims)}
+    if ttl_seconds is not None:
+        body["ttl_seconds"] = ttl_seconds
+    return body
+
+
+def _parse_jwt(doc: Mapping[str, Any]) -> JwtResult:
+    return JwtResult(doc["token"], doc["kid"], int(doc["expires_at"]))
+
+
+def _max_age(headers: Mapping[str, str]) -> int | None:
+    match = _MAX_AGE.search(headers.get("cache-control", ""))
+    return int(match[1]) if match else None
+
+
+# ---- sync ---------------------------------------------------------------------------------------
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("agent", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.unix_path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    def __init__(self, socket_path: str | Path, *, timeout: float = 10.0) -> None:
+        self.path = Path(socket_path)
+        self.timeout = timeout
+        self._conn: _UnixHTTPConnection | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _request(
+        self, method: str, target: str, body: Any = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = _UnixHTTPConnection(self.path, self.timeout)
+            fresh = self._conn.sock is None
+            try:
+                self._conn.request(method, target, body=data, headers=headers)
+                response = self._conn.getresponse()
+                payload = response.read()
+            except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+                self.close()
+                raise AgentUnreachable(self.path, exc.strerror or type(exc).__name__) from None
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.close()
+                if attempt == 1 and not fresh:
+                    continue  # the server closed an idle keep-alive connection: retry once
+                raise AgentUnreachable(
+                    self.path, f"connection lost ({type(exc).__name__})"
+                ) from None
+            except OSError as exc:
+                self.close()
+                raise AgentUnreachable(self.path, str(exc)) from None
+            if response.will_close:
+                self.close()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, payload
+        raise AssertionError("unreachable")
+
+    def _json(self, method: str, target: str, body: Any = None) -> Any:
+        status, _, payload = self._request(method, target, body)
+        if status >= 400:
+            raise _error_from(status, payload)
+        return json.loads(payload)
+
+    def sign(self, payload: bytes) -> SignResult:
+        return _parse_sign(self._json("POST", "/v1/sign", _sign_body(payload)))
+
+    def sign_batch(self, payloads: Sequence[bytes]) -> BatchSignResult:
+        body = {"payloads": [b64url_encode(p) for p in payloads]}
+        return _parse_batch(self._json("POST", "/v1/sign", body))
+
+    def jwt(self, claims: Mapping[str, Any], ttl_seconds: int | None = None) -> JwtResult:
+        return _parse_jwt(self._json("POST", "/v1/jwt", _jwt_body(claims, ttl_seconds)))
+
+    def jwks(self) -> dict[str, Any]:
+        return self.jwks_with_max_age()[0]
+
+    def jwks_with_max_age(self) -> tuple[dict[str, Any], int | None]:
+        status, headers, payload = self._request("GET", "/v1/jwks")
+        if status >= 400:
+            raise _error_from(status, payload)
+        return json.loads(payload), _max_age(headers)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._json("GET", "/v1/status"))
+
+    def healthz(self) -> tuple[bool, dict[str, Any]]:
+        status, _, payload = self._request("GET", "/healthz")
+        return status == 200, json.loads(payload)
+
+    def metrics(self) -> str:
+        status, _, payload = self._request("GET", "/metrics")
+        if status >= 400:
+            raise _error_from(status, payload)
+        return payload.decode()
+
+    def rotate(self) -> dict[str, Any]:
+        return dict(self._json("POST", "/v1/admin/rotate", {}))
+
+    def rollback(self) -> dict[str, Any]:
+        return dict(self._json("POST", "/v1/admin/rollback", {}))
+
+    def revoke(self, kid: str) -> dict[str, Any]:
+        return dict(self._json("POST", "/v1/admin/revoke", {"kid": kid}))
+
+    def import_pem(self, pem: bytes, alg: str | None = None) -> dict[str, Any]:
+        return dict(self._json("POST", "/v1/admin/import", {"pem": pem.decode(), "alg": alg}))
+
+
+# ---- trio ---------------------------------------------------------------------------------------
+
+
+class AsyncClient:
+    def __init__(self, socket_path: str | Path, *, timeout: float = 10.0) -> None:
+        self.path = Path(socket_path)
+        self.timeout = timeout
+        self._stream: trio.SocketStream | None = None
+        self._conn: h11.Connection | None = None
+        self._lock = trio.Lock()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            stream, self._stream, self._conn = self._stream, None, None
+            await stream.aclose()
+
+    async def _connect(self) -> None:
+        try:
+            self._stream = await trio.open_unix_socket(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+            raise AgentUnreachable(self.path, exc.strerror or type(exc).__name__) from None
+        except OSError as exc:
+            raise AgentUnreachable(self.path, str(exc)) from None
+        self._conn = h11.Connection(h11.CLIENT)
+
+    async def _request(
+        self, method: str, target: str, body: Any = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        async with self._lock:
+            for attempt in (1, 2):
+                fresh = self._stream is None
+                if fresh:
+                    await self._connect()
+                try:
+                    with trio.fail_after(self.timeout):
+                        return await self._exchange(method, target, body)
+                except (
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                    _Disconnected,
+                    h11.RemoteProtocolError,
+                ) as exc:
+                    await self.aclose()
+                    if attempt == 1 and not fresh:
+                        continue
+                    raise AgentUnreachable(
+                        self.path, f"connection lost ({type(exc).__name__})"
+                    ) from None
+                except trio.TooSlowError:
+                    await self.aclose()
+                    raise AgentUnreachable(self.path, f"no answer within {self.timeout}s") from None
+        raise AssertionError("unreachable")
+
+    async def _exchange(
+        self, method: str, target: str, body: Any
+    ) -> tuple[int, dict[str, str], bytes]:
+        assert self._stream is not None
+        assert self._conn is not None
+        conn, stream = self._conn, self._stream
+        data = b"" if body is None else json.dumps(body).encode()
+        headers = [("host", "agent"), ("content-length", str(len(data)))]
+        if body is not None:
+            headers.append(("content-type", "application/json"))
+        out = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
+        if data:
+            out += conn.send(h11.Data(data=data)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+        await stream.send_all(out)
+        status = 0
+        response_headers: dict[str, str] = {}
+        chunks: list[bytes] = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                received = await stream.receive_some(65536)
+                if not received:
+                    raise _Disconnected
+                conn.receive_data(received)
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                response_headers = {n.decode().lower(): v.decode() for n, v in event.headers}
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise _Disconnected
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        else:
+            await self.aclose()
+        return status, response_headers, b"".join(chunks)
+
+    async def _json(self, method: str, target: str, body: Any = None) -> Any:
+        status, _, payload = await self._request(method, target, body)
+        if status >= 400:
+            raise _error_from(status, payload)
+        return json.loads(payload)
+
+    async def sign(self, payload: bytes) -> SignResult:
+        return _parse_sign(await self._json("POST", "/v1/sign", _sign_body(payload)))
+
+    async def sign_batch(self, payloads: Sequence[bytes]) -> BatchSignResult:
+        body = {"payloads": [b64url_encode(p) for p in payloads]}
+        return _parse_batch(await self._json("POST", "/v1/sign", body))
+
+    async def jwt(self, claims: Mapping[str, Any], ttl_seconds: int | None = None) -> JwtResult:
+        return _parse_jwt(await self._json("POST", "/v1/jwt", _jwt_body(claims, ttl_seconds)))
+
+    async def jwks(self) -> dict[str, Any]:
+        return (await self.jwks_with_max_age())[0]
+
+    async def jwks_with_max_age(self) -> tuple[dict[str, Any], int | None]:
+        status, headers, payload = await self._request("GET", "/v1/jwks")
+        if status >= 400:
+            raise _error_from(status, payload)
+        return json.loads(payload), _max_age(headers)
+
+    async def status(self) -> dict[str, Any]:
+        return dict(await self._json("GET", "/v1/status"))
+
+    async def healthz(self) -> tuple[bool, dict[str, Any]]:
+        status, _, payload = await self._request("GET", "/healthz")
+        return status == 200, json.loads(payload)
+
+    async def metrics(self) -> str:
+        status, _, payload = await self._request("GET", "/metrics")
+        if status >= 400:
+            raise _error_from(status, payload)
+        return payload.decode()
+
+    async def rotate(self) -> dict[str, Any]:
+        return dict(await self._json("POST", "/v1/admin/rotate", {}))
+
+    async def rollback(self) -> dict[str, Any]:
+        return dict(await self._json("POST", "/v1/admin/rollback", {}))
+
+    async def revoke(self, kid: str) -> dict[str, Any]:
+        return dict(await self._json("POST", "/v1/admin/revoke", {"kid": kid}))
+
+    async def import_pem(self, pem: bytes, alg: str | None = None) -> dict[str, Any]:
+        return dict(await self._json("POST", "/v1/admin/import", {"pem": pem.decode(), "alg": alg}))
+
+
+class _Disconnected(Exception):
+    pass

@@ -1,0 +1,384 @@
+"""A small HTTP/1.1 server over a Unix socket, on trio with h11.
+
+It knows nothing of signing: the agent plugs in one handler `Request -> Response`. What it does:
+keep-alive and pipelined requests answered in order, size limits enforced before a body is read,
+JSON errors for malformed HTTP, per-connection peer credentials (SO_PEERCRED), exclusive
+ownership of the socket path (a second server is refused, a stale socket file replaced), and a
+graceful stop that lets in-flight requests finish and removes the socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h11
+import trio
+
+log = logging.getLogger("keyquorum.httpd")
+
+_RECEIVE = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def json_response(
+    obj: Any, status: int = 200, headers: tuple[tuple[str, str], ...] = ()
+) -> Response:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    return Response(status, body, "application/json", headers)
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"code", "message"}}` with `status` (DESIGN.md §5)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def response(self) -> Response:
+        return json_response({"error": {"code": self.code, "message": self.message}}, self.status)
+
+
+class SocketInUse(Exception):
+    """Another live server already owns this socket path."""
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> Peer:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid, _supplementary_groups(pid))
+
+
+def _supplementary_groups(pid: int) -> frozenset[int]:
+    # Best effort: SO_PEERCRED has no supplementary groups; /proc can vanish under us.
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
+class UnixHttpServer:
+    def __init__(
+        self,
+        handler: Handler,
+        path: Path,
+        *,
+        mode: int = 0o660,
+        gid: int | None = None,
+        max_body_bytes: int = 1 << 20,
+        max_header_bytes: int = 16 << 10,
+        idle_timeout: float = 60.0,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self.handler = handler
+        self.path = Path(path)
+        self.mode = mode
+        self.gid = gid
+        self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+        self.idle_timeout = idle_timeout
+        self.drain_timeout = drain_timeout
+        self.requests_total = 0
+        self.connections_active = 0
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._stopping = trio.Event()
+        self._busy = 0
+        self._idle_changed = trio.Event()
+
+    # ---- socket ownership --------------------------------------------------------------------
+
+    def _acquire(self) -> tuple[int, socket.socket]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(lock_fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise SocketInUse(f"another agent already serves {self.path}") from None
+            raise
+        try:
+            if self.path.exists() or self.path.is_symlink():
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    probe.connect(str(self.path))
+                except OSError:
+                    self.path.unlink()  # stale: its server is gone
+                else:
+                    raise SocketInUse(f"another agent already serves {self.path}")
+                finally:
+                    probe.close()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o777 & ~self.mode)
+            try:
+                sock.bind(str(self.path))
+            finally:
+                os.umask(old_umask)
+            os.chmod(self.path, self.mode)
+            if self.gid is not None:
+                os.chown(self.path, -1, self.gid)
+            sock.listen(128)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return lock_fd, sock
+
+    def _release(self, lock_fd: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self._lock_path.unlink()
+        os.close(lock_fd)
+
+    # ---- serving -----------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        lock_fd, raw = self._acquire()
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+        try:
+            async with trio.open_nursery() as connections:
+                task_status.started()
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(self._accept_loop, listener, connections)
+                    await self._stopping.wait()
+                    accepting.cancel_scope.cancel()
+                await listener.aclose()
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()  # refuse new connections at once
+                with trio.move_on_after(self.drain_timeout):
+                    while self._busy:
+                        await self._wait_idle_change()
+                connections.cancel_scope.cancel()
+        finally:
+            with contextlib.suppress(trio.ClosedResourceError, OSError):
+                await trio.aclose_forcefully(listener)
+            self._release(lock_fd)
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+
+    async def _wait_idle_change(self) -> None:
+        event = self._idle_changed
+        await event.wait()
+
+    def _set_busy(self, delta: int) -> None:
+        self._busy += delta
+        self._idle_changed.set()
+        self._idle_changed = trio.Event()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    log.warning("accept failed (%s); backing off", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        self.connections_active += 1
+        try:
+            try:
+                peer = peer_credentials(stream.socket)
+            except OSError:
+                await stream.aclose()
+                return
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+            async with stream:
+                await self._serve_connection(stream, conn, peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.connections_active -= 1
+
+    async def _serve_connection(
+        self, stream: trio.SocketStream, conn: h11.Connection, peer: Peer
+    ) -> None:
+        while True:
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                request = await self._read_request(stream, conn, peer)
+            except _Closed:
+                return
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint if exc.error_status_hint in (400, 413, 431) else 400
+                await self._send_error_and_close(
+                    stream, conn, ApiError(status, "bad_http", f"malformed HTTP request: {exc}")
+                )
+                return
+            except _TooLarge as exc:
+                await self._send_error_and_close(stream, conn, ApiError(413, "too_large", str(exc)))
+                return
+            self._set_busy(+1)
+            try:
+                response = await self._dispatch(request)
+                await self._send(stream, conn, response)
+            finally:
+                self._set_busy(-1)
+            self.requests_total += 1
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                if self._stopping.is_set():
+                    return
+                conn.start_next_cycle()
+            else:
+                return
+
+    async def _receive(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
+        with trio.move_on_after(self.idle_timeout) as scope:
+            data = await stream.receive_some(_RECEIVE)
+        if scope.cancelled_caught:
+            raise _Closed
+        conn.receive_data(data)
+
+    async def _read_request(
+        self, stream: trio.SocketStream, conn: h11.Connection, peer: Peer
+    ) -> Request:
+        head: h11.Request | None = None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if self._stopping.is_set() and head is None and not conn.trailing_data[0]:
+                    raise _Closed
+                await self._receive(stream, conn)
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                raise _Closed
+            if isinstance(event, h11.Request):
+                head = event
+                for name, value in event.headers:
+                    if name == b"content-length" and int(value) > self.max_body_bytes:
+                        raise _TooLarge(
+                            f"request body of {int(value)} bytes exceeds the limit of "
+                            f"{self.max_body_bytes} (socket.max_request_bytes)"
+                        )
+                continue
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.max_body_bytes:
+                    raise _TooLarge(
+                        f"request body exceeds the limit of {self.max_body_bytes} bytes"
+                    )
+                chunks.append(bytes(event.data))
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                target = head.target.decode("ascii", "replace")
+                path, _, query = target.partition("?")
+                headers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers)
+                return Request(
+                    head.method.decode("ascii", "replace"),
+                    path,
+                    query,
+                    headers,
+                    b"".join(chunks),
+                    peer,
+                )
+
+    async def _dispatch(self, request: Request) -> Response:
+        try:
+            return await self.handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except Exception:
+            log.exception("internal error handling %s %s", request.method, request.path)
+            return ApiError(500, "internal", "internal error; see the agent log").response()
+
+    async def _send(
+        self, stream: trio.SocketStream, conn: h11.Connection, response: Response
+    ) -> None:
+        headers = [
+            ("content-type", response.content_type),
+            ("content-length", str(len(response.body))),
+            *response.headers,
+        ]
+        if self._stopping.is_set():
+            headers.append(("connection", "close"))
+        data = conn.send(h11.Response(status_code=response.status, headers=headers))
+        data += conn.send(h11.Data(data=response.body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        await stream.send_all(data)
+
+    async def _send_error_and_close(
+        self, stream: trio.SocketStream, conn: h11.Connection, error: ApiError
+    ) -> None:
+        response = error.response()
+        try:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                data = conn.send(
+                    h11.Response(
+                        status_code=response.status,
+                        headers=[
+                            ("content-type", response.content_type),
+                            ("content-length", str(len(response.body))),
+                            ("connection", "close"),
+                        ],
+                    )
+                )
+                data += conn.send(h11.Data(data=response.body)) or b""
+                data += conn.send(h11.EndOfMessage()) or b""
+            else:  # h11 refuses to answer yet (e.g. the request line itself was garbage)
+                data = (
+                    f"HTTP/1.1 {response.status} Bad Request\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(response.body)}\r\nconnection: close\r\n\r\n"
+                ).encode() + response.body
+            await stream.send_all(data)
+        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+class _Closed(Exception):
+    pass
+
+
+class _TooLarge(Exception):
+    pass

@@ -1,0 +1,68 @@
+"""Key-protection protocols and the backend error hierarchy (DESIGN.md §8).
+
+Every provider module translates its SDK's exceptions into these at one place, so nothing above
+the backend boundary ever sees a boto3, google or azure exception. Each error carries a `hint`:
+what an operator (or the caller's retry logic) should do about it. Only the key-wrapper protocol
+lives here so far; remote signers and secret stores get their own protocols beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar, Protocol, runtime_checkable
+
+
+class BackendError(Exception):
+    """A key-protection backend failed; `message` says what, `hint` what to do about it."""
+
+    default_hint: ClassVar[str] = ""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        self.message = message
+        self.hint = hint or self.default_hint
+        super().__init__(f"{message}; {self.hint}" if self.hint else message)
+
+
+class BackendUnavailable(BackendError):
+    """Transient: the backend could not be reached, timed out or throttled us."""
+
+    default_hint = "the backend may be down or throttling; retry with backoff"
+
+
+class BackendDenied(BackendError):
+    """Permanent for this input: permission denied, wrong key, or tampered data."""
+
+    default_hint = "do not retry blindly: check the backend's permissions and the key material"
+
+
+class BackendConfigError(BackendError):
+    """The backend settings are wrong; the message names the setting, the hint the fix."""
+
+    default_hint = "fix the backend setting named above and restart the agent"
+
+
+@runtime_checkable
+class KeyWrapper(Protocol):
+    """Wraps and unwraps data keys for envelope encryption (backends/envelope.py).
+
+    `context` carries the kid and the cluster prefix; implementations bind it as associated data
+    or encryption context, so a wrapped key cannot be moved to another record or cluster. Both
+    calls raise only BackendError subclasses. `wrap_data_key` returns JSON-serialisable strings.
+    """
+
+    @property
+    def kind(self) -> str:
+        """The config `kind` that builds this wrapper, recorded in every sealed key."""
+        ...
+
+    async def wrap_data_key(
+        self, data_key: bytes, context: Mapping[str, str]
+    ) -> dict[str, str]: ...
+
+    async def unwrap_data_key(
+        self, wrapped: Mapping[str, str], context: Mapping[str, str]
+    ) -> bytes: ...
+
+    def describe(self) -> str:
+        """A one-line description for status and logs (never secret material)."""
+        ...

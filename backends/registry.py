@@ -1,0 +1,51 @@
+"""Maps a configured backend `kind` to its constructor, importing provider modules lazily.
+
+Each provider module exposes `build(options) -> KeyWrapper`. It is imported only when chosen, so
+an install without one provider's SDK still runs every other backend; choosing a provider whose
+SDK is missing fails at start-up naming the pip extra that brings it (`keyquorum[<extra>]`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from backends.base import BackendConfigError, KeyWrapper
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """Where a backend kind lives and which pip extra installs its SDK (None: no extra needed)."""
+
+    module: str
+    extra: str | None = None
+
+
+# Cloud providers join here as they are written, e.g. "aws-kms": Provider("backends.aws", "aws").
+KEY_WRAPPERS: dict[str, Provider] = {"local": Provider("backends.local")}
+
+
+def make_key_wrapper(kind: str, options: Mapping[str, Any]) -> KeyWrapper:
+    """Build the key wrapper the config's `backend.kind` names, or raise BackendConfigError."""
+    provider = KEY_WRAPPERS.get(kind) if isinstance(kind, str) else None
+    if provider is None:
+        raise BackendConfigError(
+            f"backend.kind: unknown backend {kind!r}; known: {', '.join(sorted(KEY_WRAPPERS))}",
+            "set backend.kind to one of the known backends",
+        )
+    try:
+        module = importlib.import_module(provider.module)
+    except ImportError as exc:
+        if provider.extra is None or (exc.name or "").startswith(provider.module):
+            raise  # our own module is missing or broken: a packaging bug, not a config error
+        raise BackendConfigError(
+            f"backend.kind = {kind!r} needs the {exc.name or 'provider'} package, which is not "
+            "installed",
+            f"pip install 'keyquorum[{provider.extra}]'",
+        ) from exc
+    wrapper = module.build(options)
+    if not isinstance(wrapper, KeyWrapper):  # pragma: no cover - a provider module bug
+        raise TypeError(f"{provider.module}.build returned {type(wrapper).__name__}")
+    return wrapper

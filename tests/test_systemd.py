@@ -1,0 +1,91 @@
+"""`keyquorum run` speaks systemd's notify protocol: READY, STATUS, WATCHDOG, STOPPING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import QUIET_KEYS, write_config
+
+from agent.systemd import Notifier
+
+pytestmark = pytest.mark.slow
+
+
+def receive_until(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
+    """Datagrams received until one contains `wanted` (or the deadline passes)."""
+    messages: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = sock.recv(4096).decode()
+        except TimeoutError:
+            break
+        messages.append(data)
+        if wanted in data:
+            return messages
+    raise AssertionError(f"no {wanted!r} within {timeout}s; got {messages}")
+
+
+def test_the_agent_notifies_ready_pings_the_watchdog_and_says_stopping(short_tmp: Path) -> None:
+    notify_path = short_tmp / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    config = write_config(short_tmp, keys=QUIET_KEYS)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        env={**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "200000"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        ready = receive_until(sock, "READY=1", 20)[-1]
+        assert f"MAINPID={proc.pid}" in ready
+        assert "STATUS=ok; leader" in ready and "signing with" in ready
+        pings = [m for m in receive_until(sock, "WATCHDOG=1", 2) if m == "WATCHDOG=1"]
+        receive_until(sock, "WATCHDOG=1", 2)  # and again: a steady ping every WATCHDOG_USEC/2
+        assert pings
+        proc.send_signal(signal.SIGTERM)
+        stopping = receive_until(sock, "STOPPING=1", 10)[-1]
+        assert "STATUS=draining" in stopping
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+
+
+def test_outside_systemd_the_notifier_is_silent() -> None:
+    notifier = Notifier(env={})
+    assert not notifier.enabled and notifier.watchdog_interval is None
+    notifier.ready("x")  # nothing to send to, nothing raised
+
+
+def test_abstract_notify_sockets_and_foreign_watchdog_pids_are_understood() -> None:
+    notifier = Notifier(env={"NOTIFY_SOCKET": "@sd/notify", "WATCHDOG_USEC": "4000000"})
+    assert notifier.address == "\0sd/notify" and notifier.watchdog_interval == 2.0
+    other = Notifier(env={"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "10", "WATCHDOG_PID": "1"})
+    assert other.watchdog_interval is None  # the watchdog is for another process
+
+
+def test_the_service_unit_is_type_notify_with_a_watchdog_and_hardening() -> None:
+    unit = (Path(__file__).parent.parent / "deploy" / "systemd" / "keyquorum.service").read_text()
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+        "StateDirectory=keyquorum",
+        "RuntimeDirectory=keyquorum",
+    ):
+        assert line in unit, line
