@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.demo import run_demo
 
         return run_demo(args)
+    if args.command == "backend":
+        return _backend(args)
     socket_path = Path(args.socket) if args.socket else default_socket_path()
     try:
         with Client(socket_path) as client:
@@ -86,6 +88,17 @@ def _parser() -> argparse.ArgumentParser:
         "--kill-leader", action="store_true", help="kill -9 the leader part-way through"
     )
 
+    backend = sub.add_parser("backend", help="key-protection backend tools")
+    backend_sub = backend.add_subparsers(dest="backend_command", required=True)
+    check = backend_sub.add_parser(
+        "check", help="wrap and unwrap a probe key, and open the stored keys, with this config"
+    )
+    check.add_argument("--config", type=Path, help="agent.toml (default: as for run)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument(
+        "--no-keyset", action="store_true", help="skip opening the keys stored in the key set"
+    )
+
     status = sub.add_parser("status", help="leader, members, keys and health")
     status.add_argument("--json", action="store_true", help="print the raw status document")
     status.set_defaults(func=_status)
@@ -130,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     import trio
 
     from agent.daemon import Agent, unwrap_single
-    from agent.factory import build_election, build_store, build_wrapper
+    from agent.factory import backend_deadline, build_election, build_store, build_wrapper
     from agent.httpd import SocketInUse
     from backends.base import BackendError
 
@@ -145,7 +158,13 @@ def _run(args: argparse.Namespace) -> int:
     async def serve() -> None:
         store = build_store(config)
         wrapper = await build_wrapper(config)
-        agent = Agent(config, store, wrapper, election=build_election(config))
+        agent = Agent(
+            config,
+            store,
+            wrapper,
+            election=build_election(config),
+            backend_timeout=backend_deadline(wrapper),
+        )
         log.info("agent %s starting; socket %s", config.node_id, config.socket.path)
         with unwrap_single():
             async with trio.open_nursery() as nursery:
@@ -165,6 +184,25 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _backend(args: argparse.Namespace) -> int:
+    """`keyquorum backend check`: exit 0 when every step passed, 1 when one failed."""
+    import trio
+
+    from agent.backend_check import check_backend
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"keyquorum: configuration error: {exc}", file=sys.stderr)
+        return 2
+    report = trio.run(lambda: check_backend(config, with_keyset=not args.no_keyset))
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(report.render())
+    return 0 if report.ok else 1
 
 
 async def _stop_on_signal(agent: Any) -> None:

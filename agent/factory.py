@@ -51,3 +51,11 @@ def build_election(config: AgentConfig) -> Election | None:
 
 async def build_wrapper(config: AgentConfig) -> KeyWrapper:
     return make_key_wrapper(config.backend.kind, config.backend.options)
+
+
+def backend_deadline(wrapper: KeyWrapper) -> float:
+    """The agent's outer deadline for one backend operation: a safety net a little past the
+    wrapper's own deadline (its retries end first and say why)."""
+    policy = getattr(wrapper, "policy", None)
+    deadline = getattr(policy, "deadline", None)
+    return float(deadline) + 2.0 if isinstance(deadline, int | float) else 10.0

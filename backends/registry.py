@@ -23,8 +23,14 @@ class Provider:
     extra: str | None = None
 
 
-# Cloud providers join here as they are written, e.g. "aws-kms": Provider("backends.aws", "aws").
-KEY_WRAPPERS: dict[str, Provider] = {"local": Provider("backends.local")}
+KEY_WRAPPERS: dict[str, Provider] = {
+    "local": Provider("backends.local"),
+    "aws-kms": Provider("backends.aws", "aws"),
+    "gcp-kms": Provider("backends.gcp", "gcp"),
+    "azure-keyvault": Provider("backends.azure", "azure"),
+    "vault-transit": Provider("backends.vault"),
+    "pkcs11": Provider("backends.pkcs11", "pkcs11"),
+}
 
 
 def make_key_wrapper(kind: str, options: Mapping[str, Any]) -> KeyWrapper:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from servers import AWS_ENV, MotoServer, OpenBaoServer
 
 from consensus.local_etcd import LocalEtcd
 
@@ -47,3 +48,35 @@ def etcd3(short_tmp: Path) -> Iterator[LocalEtcd]:
 @pytest.fixture
 def unique_prefix(request: pytest.FixtureRequest) -> str:
     return f"/keyquorum-test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One moto server (AWS KMS, Secrets Manager) for the session; tests use their own keys."""
+    workdir = Path(tempfile.mkdtemp(prefix="kq-moto-", dir="/tmp"))
+    try:
+        with MotoServer(workdir) as server:
+            yield server
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Dummy AWS credentials in the environment (moto accepts any), never real ones."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    return dict(AWS_ENV)
+
+
+@pytest.fixture(scope="session")
+def openbao() -> Iterator[OpenBaoServer]:
+    """A real OpenBao dev server for the session; tests use their own transit keys."""
+    workdir = Path(tempfile.mkdtemp(prefix="kq-bao-", dir="/tmp"))
+    try:
+        with OpenBaoServer(workdir) as server:
+            yield server
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -38,8 +38,10 @@ def write_config(
     sections: dict[str, dict[str, object]] | None = None,
     node_id: str = "n1",
     store_kind: str = "file",
+    backend: dict[str, object] | None = None,
 ) -> Path:
-    """Write an agent.toml for a node living entirely under `directory`."""
+    """Write an agent.toml for a node living entirely under `directory`; `backend` replaces the
+    default local-KEK [backend] table."""
     state = directory / "state"
     merged: dict[str, dict[str, object]] = {
         "socket": {"path": str(directory / "agent.sock")},
@@ -50,7 +52,7 @@ def write_config(
             if store_kind == "file"
             else {"kind": store_kind}
         ),
-        "backend": {"kind": "local", "kek_file": str(state / "kek")},
+        "backend": backend or {"kind": "local", "kek_file": str(state / "kek")},
     }
     for name, values in (sections or {}).items():
         merged.setdefault(name, {}).update(values)
@@ -80,13 +82,19 @@ CLUSTER_KEYS = {
 
 
 def write_cluster_config(
-    directory: Path, node_id: str, endpoints: list[str], *, prefix: str = "/keyquorum/test"
+    directory: Path,
+    node_id: str,
+    endpoints: list[str],
+    *,
+    prefix: str = "/keyquorum/test",
+    backend: dict[str, object] | None = None,
 ) -> Path:
     """Config for one agent of an etcd-backed cluster; each node has its own dir and KEK copy."""
     return write_config(
         directory,
         node_id=node_id,
         keys=CLUSTER_KEYS,
+        backend=backend,
         sections={
             "store": {"kind": "etcd", "endpoints": endpoints, "prefix": prefix, "timeout": 1.0}
         },

@@ -7,54 +7,31 @@ Each agent has its own state directory and socket; they share the etcd cluster a
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import write_cluster_config
+from cluster_tools import (
+    Node,
+    Signature,
+    kids_of,
+    leader_of,
+    make_nodes,
+    sign_everywhere,
+    start_nodes,
+    wait_until,
+)
 
 from agent.client import AgentError, Client
-from agent.demo import LoadReport, agent_process, run_load
+from agent.demo import LoadReport, agent_process
 from consensus.local_etcd import LocalEtcd
 
 pytestmark = [pytest.mark.slow, pytest.mark.etcd]
-
-
-@dataclass
-class Node:
-    name: str
-    directory: Path
-    config: Path
-    process: Any = None
-
-    @property
-    def socket(self) -> Path:
-        return self.directory / "agent.sock"
-
-    def status(self) -> dict[str, Any]:
-        with Client(self.socket, timeout=3) as client:
-            return client.status()
-
-
-def make_nodes(root: Path, etcd: LocalEtcd, count: int = 3) -> list[Node]:
-    kek = os.urandom(32)
-    nodes = []
-    for i in range(1, count + 1):
-        directory = root / f"n{i}"
-        (directory / "state").mkdir(parents=True)
-        kek_path = directory / "state" / "kek"
-        kek_path.write_bytes(kek)
-        kek_path.chmod(0o600)
-        config = write_cluster_config(directory, f"n{i}", etcd.endpoints)
-        nodes.append(Node(f"n{i}", directory, config))
-    return nodes
 
 
 @pytest.fixture
@@ -64,75 +41,6 @@ def cluster(etcd3: LocalEtcd, short_tmp: Path) -> Iterator[tuple[LocalEtcd, list
         for node in nodes:
             node.process = stack.enter_context(agent_process(node.config, node.socket))
         yield etcd3, nodes
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except (AgentError, OSError) as exc:
-            last_error = exc
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last_error})")
-
-
-def leader_of(nodes: list[Node]) -> Node | None:
-    leaders = [n for n in nodes if n.process.poll() is None and n.status()["role"] == "leader"]
-    return leaders[0] if len(leaders) == 1 else None
-
-
-Signature = tuple[float, float, str, bytes, bytes]
-
-
-def kids_of(signatures: list[Signature], after: float = 0.0) -> set[str]:
-    return {kid for send, _, kid, _, _ in signatures if send > after}
-
-
-def sign_everywhere(
-    nodes: list[Node],
-    seconds: float,
-    clients: int = 2,
-    *,
-    until: Callable[[list[Signature]], bool] | None = None,
-) -> LoadReport:
-    """Load on every node at once; one merged report (snapshots from all nodes).
-
-    With `until`, the load stops early once the signatures so far satisfy it (say, enough
-    distinct keys have signed), so a slow machine gets more time rather than a flaky count."""
-    reports = {n.name: LoadReport() for n in nodes}
-    stop = threading.Event()
-    threads = [
-        threading.Thread(
-            target=run_load,
-            args=(n.socket, seconds, clients, reports[n.name]),
-            kwargs={"stop_early": stop},
-        )
-        for n in nodes
-    ]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        time.sleep(0.1)
-        if until is None:
-            continue
-        signatures: list[Signature] = []
-        for report in reports.values():
-            with report.lock:
-                signatures.extend(report.signatures)
-        if until(signatures):
-            stop.set()
-    for t in threads:
-        t.join()
-    merged = LoadReport()
-    for report in reports.values():
-        merged.signatures.extend(report.signatures)
-        merged.snapshots.extend(report.snapshots)
-        merged.failures.extend(report.failures)
-    return merged
 
 
 def test_three_agents_share_one_key_set_and_rotate_under_load_with_no_failed_sign(
@@ -202,15 +110,6 @@ def test_killing_the_leader_elects_another_and_rotation_goes_on(
     after = kids_of(report.signatures, after=killed_at + failover)
     assert len(after) >= 2, f"rotation continued under the new leader: {after}"
     print(f"\nleader failover: {failover:.2f}s; {len(report.signatures)} signatures")
-
-
-def start_nodes(
-    stack: ExitStack, nodes: list[Node], env: dict[str, dict[str, str]] | None = None
-) -> None:
-    for node in nodes:
-        node.process = stack.enter_context(
-            agent_process(node.config, node.socket, env=(env or {}).get(node.name))
-        )
 
 
 def test_paused_leaders_pending_write_is_refused_by_the_fence_and_it_steps_down(
