@@ -12,13 +12,13 @@ import binascii
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.crypto import (
     ALGORITHMS,
     b64url_decode,
     b64url_encode,
-    encode_jwt,
+    encode_jwt_async,
     load_pem_private_key,
 )
 from agent.httpd import ApiError, Request, Response, json_response
@@ -27,6 +27,8 @@ from agent.policy import KeyState, PolicyRefusal, jwks_max_age, key_state, publi
 from agent.timing import SECOND
 from backends.base import BackendError
 from consensus.store import StoreError
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
@@ -82,7 +84,7 @@ class Api:
         signer = self._signer()
         if "payload" in body:
             payload = _b64_field(body["payload"], "payload")
-            signature = signer.sign(payload)
+            signature = await _remote_guard(signer.sign_async(payload))
             self.agent.metrics.inc("keyquorum_signatures_total", kid=signer.kid)
             return json_response(
                 {"kid": signer.kid, "alg": signer.alg, "signature": b64url_encode(signature)}
@@ -98,7 +100,7 @@ class Api:
                 413, "too_large", f"batch of {len(payloads)} exceeds socket.max_batch={limit}"
             )
         data = [_b64_field(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
-        signatures = [b64url_encode(signer.sign(d)) for d in data]
+        signatures = [b64url_encode(await _remote_guard(signer.sign_async(d))) for d in data]
         self.agent.metrics.inc("keyquorum_signatures_total", len(data), kid=signer.kid)
         return json_response({"kid": signer.kid, "alg": signer.alg, "signatures": signatures})
 
@@ -144,7 +146,7 @@ class Api:
         if config.jwt.audience is not None:
             claims.setdefault("aud", config.jwt.audience)
         signer = self._signer()
-        token = encode_jwt(signer, {**claims, "iat": iat, "exp": exp})
+        token = await _remote_guard(encode_jwt_async(signer, {**claims, "iat": iat, "exp": exp}))
         self.agent.metrics.inc("keyquorum_jwts_total", kid=signer.kid)
         return json_response({"token": token, "kid": signer.kid, "expires_at": exp})
 
@@ -361,3 +363,13 @@ def _labels(labels: tuple[tuple[str, str], ...] | Mapping[str, str]) -> str:
     if not items:
         return ""
     return "{" + ",".join(f'{k}="{v}"' for k, v in items) + "}"
+
+
+async def _remote_guard(signing: Awaitable[T]) -> T:
+    """A key held by a KMS/HSM signs over the network: its failure is a 503, said plainly."""
+    try:
+        return await signing
+    except BackendError as exc:
+        raise ApiError(
+            503, "backend_unavailable", f"the key backend could not sign: {exc}"
+        ) from None

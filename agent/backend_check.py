@@ -19,11 +19,12 @@ from typing import Any
 import trio
 
 from agent.config import AgentConfig
-from agent.crypto import generate_private_key, private_key_to_pkcs8
+from agent.crypto import generate_private_key, private_key_to_pkcs8, verify_signature
 from agent.keyset import KeySetInvalid, parse_keyset
-from backends.base import BackendDenied, BackendError, KeyWrapper
+from backends.base import BackendDenied, BackendError, KeyWrapper, RemoteSigner
 from backends.envelope import open_sealed, seal
-from backends.registry import make_key_wrapper
+from backends.registry import make_key_wrapper, make_remote_signer
+from backends.remote import RemoteKeySigner, jwk_of_pem
 
 
 @dataclass
@@ -83,6 +84,8 @@ async def check_backend(config: AgentConfig, *, with_keyset: bool = True) -> Rep
     from agent.factory import backend_deadline, build_store
 
     report = Report()
+    if config.backend.mode == "remote":
+        return await _check_remote(report, config, with_keyset=with_keyset)
     options = dict(config.backend.options)
     if config.backend.kind == "local":
         options["create_kek"] = False  # a check must not mint a KEK the agent would then use
@@ -144,8 +147,73 @@ async def check_backend(config: AgentConfig, *, with_keyset: bool = True) -> Rep
     return report
 
 
+async def _check_remote(report: Report, config: AgentConfig, *, with_keyset: bool) -> Report:
+    """Remote mode: create a probe key in the KMS/HSM, sign and verify, retire it at once."""
+    from agent.factory import backend_deadline, build_store
+
+    try:
+        signer = make_remote_signer(config.backend.kind, config.backend.options)
+    except BackendError as exc:
+        report.steps.append(Step("configure", False, exc.message, hint=exc.hint))
+        return report
+    report.backend = signer.describe()
+    deadline = backend_deadline(signer)
+    alg = config.keys.algorithm
+    if not signer.supports(alg):
+        report.steps.append(
+            Step("configure", False, f"the {signer.kind} backend cannot hold {alg} keys")
+        )
+        return report
+
+    async def step(name: str, fn: Callable[[], Awaitable[Any]], ok_detail: str) -> Any:
+        try:
+            with trio.fail_after(deadline):
+                result, millis = await _timed(fn)
+        except BackendError as exc:
+            report.steps.append(Step(name, False, exc.message, hint=exc.hint))
+            return None
+        except trio.TooSlowError:
+            report.steps.append(Step(name, False, f"no answer within {deadline:g}s"))
+            return None
+        report.steps.append(Step(name, True, ok_detail, millis))
+        return True if result is None else result
+
+    # A prefix no cluster uses, so no leader ever mistakes the probe for one of its keys.
+    probe_prefix = f"{config.store.prefix}/backend-check"
+    created = await step(
+        "create", lambda: signer.create_key(alg, probe_prefix), f"created a probe {alg} key"
+    )
+    if created is None:
+        return report
+    try:
+        signature = await step(
+            "sign", lambda: signer.sign(created.ref, alg, b"keyquorum probe"), "signed a probe"
+        )
+        if signature is not None:
+            jwk = jwk_of_pem(created.public_key_pem, alg)
+            ok = verify_signature(jwk, b"keyquorum probe", signature)
+            report.steps.append(
+                Step(
+                    "verify",
+                    ok,
+                    "the signature verifies against the key's public half"
+                    if ok
+                    else "the backend's signature does NOT verify (wrong encoding?)",
+                )
+            )
+    finally:
+        await step("retire", lambda: signer.retire(created.ref), "retired the probe key")
+    if with_keyset:
+        await _check_keyset(report, config, signer, build_store, deadline)
+    return report
+
+
 async def _check_keyset(
-    report: Report, config: AgentConfig, wrapper: KeyWrapper, build_store: Any, deadline: float
+    report: Report,
+    config: AgentConfig,
+    wrapper: KeyWrapper | RemoteSigner,
+    build_store: Any,
+    deadline: float,
 ) -> None:
     """Open every key of the stored key set, as this node's loader would."""
     store = build_store(config)
@@ -171,9 +239,12 @@ async def _check_keyset(
         try:
             with trio.fail_after(deadline):
                 started = time.perf_counter()
-                await open_sealed(
-                    wrapper, record.private, kid=record.kid, prefix=config.store.prefix
-                )
+                if isinstance(wrapper, RemoteSigner):
+                    await RemoteKeySigner.load(wrapper, record.private, record.alg, record.jwk)
+                else:
+                    await open_sealed(
+                        wrapper, record.private, kid=record.kid, prefix=config.store.prefix
+                    )
                 millis = (time.perf_counter() - started) * 1000
         except BackendError as exc:
             report.steps.append(Step(f"key {record.kid}", False, exc.message, hint=exc.hint))

@@ -87,6 +87,9 @@ class StoreConfig:
 class BackendConfig:
     kind: str = "local"
     options: Mapping[str, Any] = field(default_factory=dict)
+    # "wrap": private keys live (envelope-encrypted) in the key set; "remote": they never leave
+    # the KMS/HSM, which signs every request (DESIGN.md §8).
+    mode: str = "wrap"
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +437,14 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str], base: Path) -> AgentC
     backend_kind = backend.pop("kind", "local")
     if not isinstance(backend_kind, str):
         raise ConfigError("backend.kind: must be a string")
+    backend_mode = backend.pop("mode", "wrap")
+    if backend_mode not in ("wrap", "remote"):
+        raise ConfigError(
+            f"backend.mode: {backend_mode!r} is not 'wrap' (keys sealed into the key set) or "
+            "'remote' (keys stay in the KMS/HSM, which signs)"
+        )
+    if backend_mode == "remote" and backend_kind == "local":
+        raise ConfigError("backend.mode: the local backend can only wrap; use mode = 'wrap'")
     if backend_kind == "local":
         backend["kek_file"] = str(
             _path(backend["kek_file"], "backend.kek_file", base)
@@ -441,7 +452,7 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str], base: Path) -> AgentC
             else state_dir / "kek"
         )
         backend.setdefault("create_kek", True)
-    backend_config = BackendConfig(kind=backend_kind, options=backend)
+    backend_config = BackendConfig(kind=backend_kind, options=backend, mode=backend_mode)
 
     return AgentConfig(
         node_id=node_id,

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.exceptions import UnsupportedAlgorithm as _CryptoUnsupported
@@ -298,8 +298,27 @@ class Signer:
         """The JWS signature of `data` (RFC 7518 §3 encoding)."""
         return self._sign(data)
 
+    async def sign_async(self, data: bytes) -> bytes:
+        """The same, behind the interface remote (KMS/HSM) signers share."""
+        return self._sign(data)
+
     def __repr__(self) -> str:
         return f"Signer(kid={self.kid!r}, alg={self.alg!r})"
+
+
+class SigningKey(Protocol):
+    """What the keyring hands out: a local Signer or a key held by a KMS/HSM."""
+
+    @property
+    def kid(self) -> str: ...
+
+    @property
+    def alg(self) -> str: ...
+
+    @property
+    def jwk(self) -> Mapping[str, Any]: ...
+
+    async def sign_async(self, data: bytes) -> bytes: ...
 
 
 def _sign_function(key: PrivateKey, alg: str) -> Callable[[bytes], bytes]:
@@ -359,6 +378,20 @@ def encode_jws(signer: Signer, payload: bytes, header: Mapping[str, Any] | None 
     head = {**(header or {}), "alg": signer.alg, "kid": signer.kid}
     signing_input = b64url_encode(_compact_json(head)) + "." + b64url_encode(payload)
     return signing_input + "." + b64url_encode(signer.sign(signing_input.encode("ascii")))
+
+
+async def encode_jws_async(
+    signer: SigningKey, payload: bytes, header: Mapping[str, Any] | None = None
+) -> str:
+    """`encode_jws` for any SigningKey (a remote one signs over the network)."""
+    head = {**(header or {}), "alg": signer.alg, "kid": signer.kid}
+    signing_input = b64url_encode(_compact_json(head)) + "." + b64url_encode(payload)
+    signature = await signer.sign_async(signing_input.encode("ascii"))
+    return signing_input + "." + b64url_encode(signature)
+
+
+async def encode_jwt_async(signer: SigningKey, claims: Mapping[str, Any]) -> str:
+    return await encode_jws_async(signer, _compact_json(claims), {"typ": "JWT"})
 
 
 def encode_jwt(signer: Signer, claims: Mapping[str, Any]) -> str:
@@ -451,6 +484,12 @@ def endorse(endorser: Signer, jwk: Mapping[str, Any], issued_at: int) -> str:
     """The active key's signature over a new public key, so verifiers can follow rotations."""
     body = {"sub": jwk_thumbprint(jwk), "jwk": _public_members(jwk), "iat": issued_at}
     return encode_jws(endorser, _compact_json(body), {"typ": ENDORSEMENT_TYPE})
+
+
+async def endorse_async(endorser: SigningKey, jwk: Mapping[str, Any], issued_at: int) -> str:
+    """`endorse` for any SigningKey."""
+    body = {"sub": jwk_thumbprint(jwk), "jwk": _public_members(jwk), "iat": issued_at}
+    return await encode_jws_async(endorser, _compact_json(body), {"typ": ENDORSEMENT_TYPE})
 
 
 def verify_endorsement(token: str, endorser_jwk: Mapping[str, Any], jwk: Mapping[str, Any]) -> bool:

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,8 @@ from agent.config import AgentConfig
 from agent.crypto import (
     PrivateKey,
     Signer,
-    endorse,
+    SigningKey,
+    endorse_async,
     generate_private_key,
     load_pkcs8,
     private_key_to_pkcs8,
@@ -48,8 +49,9 @@ from agent.policy import (
 from agent.policy import revoke as policy_revoke
 from agent.policy import rollback as policy_rollback
 from agent.systemd import Notifier
-from backends.base import BackendError, KeyWrapper
+from backends.base import BackendConfigError, BackendDenied, BackendError, KeyWrapper, RemoteSigner
 from backends.envelope import open_sealed, seal
+from backends.remote import RemoteKeySigner, is_remote, jwk_of_pem, remote_private, remote_ref
 from consensus.election import Election
 from consensus.store import FencedOut, KeySetStore, StoreConflict, StoreError, Versioned
 
@@ -76,7 +78,7 @@ class Agent:
         self,
         config: AgentConfig,
         store: KeySetStore,
-        wrapper: KeyWrapper,
+        wrapper: KeyWrapper | RemoteSigner,
         *,
         clock: Callable[[], int] = wall_ms,
         backend_timeout: float = 10.0,
@@ -86,6 +88,9 @@ class Agent:
         self.timing = config.keys.timing
         self.store = store
         self.wrapper = wrapper
+        # backend.mode = "remote": keys are created in and sign through the KMS/HSM.
+        self.remote: RemoteSigner | None = wrapper if isinstance(wrapper, RemoteSigner) else None
+        self._next_reconcile = 0
         self.clock = clock
         self.backend_timeout = backend_timeout
         self.node_id = config.node_id
@@ -272,10 +277,29 @@ class Agent:
                 with trio.move_on_after(self._next_horizon()):
                     await changed.wait()
 
-    async def _unwrap(self, record: KeyRecord) -> Signer:
+    async def _unwrap(self, record: KeyRecord) -> SigningKey:
+        if is_remote(record.private):
+            if self.remote is None:
+                raise BackendDenied(
+                    f"key {record.kid} lives in the {record.private.get('signer')!r} KMS/HSM "
+                    "but this agent is configured to unwrap sealed keys",
+                    "set backend.mode = 'remote' and backend.kind to that backend",
+                )
+            with trio.fail_after(self.backend_timeout):
+                return await RemoteKeySigner.load(
+                    self.remote, record.private, record.alg, record.jwk
+                )
+        if self.remote is not None:
+            raise BackendDenied(
+                f"key {record.kid} is sealed into the key set but this agent is configured for "
+                "remote keys (backend.mode = 'remote')",
+                "set backend.mode = 'wrap' until the sealed keys have expired",
+            )
+        wrapper = self.wrapper
+        assert not isinstance(wrapper, RemoteSigner)
         with trio.fail_after(self.backend_timeout):
             pkcs8 = await open_sealed(
-                self.wrapper, record.private, kid=record.kid, prefix=self.config.store.prefix
+                wrapper, record.private, kid=record.kid, prefix=self.config.store.prefix
             )
         signer = Signer.from_private_key(load_pkcs8(pkcs8, record.alg), record.alg)
         if signer.kid != record.kid:
@@ -356,6 +380,8 @@ class Agent:
                     delay = max(0.0, (plan.next_check_at - self.clock()) / 1000)
                 self._clear("rotation")
                 backoff.reset()
+                if plan is not None and self.remote is not None:
+                    await self._maybe_reconcile()
             except StoreConflict as exc:
                 self._absorb(exc.current)
                 delay = 0.0
@@ -368,6 +394,21 @@ class Agent:
             self._publish()
             with trio.move_on_after(delay):
                 await changed.wait()
+
+    async def _maybe_reconcile(self) -> None:
+        """Retire unused remote keys now and then (they cost money and widen exposure)."""
+        now = self.clock()
+        if now < self._next_reconcile:
+            return
+        try:
+            async with self._write_lock:
+                if self._leading():
+                    await self.reconcile_remote_keys(now)
+            self._clear("reconcile")
+            self._next_reconcile = now + max(5000, 4 * self.timing.check_interval)
+        except (BackendError, trio.TooSlowError) as exc:
+            self._problem("reconcile", f"retiring unused remote keys failed: {exc}")
+            self._next_reconcile = now + max(1000, self.timing.check_interval)
 
     async def leader_step(self) -> Plan | None:
         """One pass of the policy: evaluate and commit. Returns the plan (None if not allowed)."""
@@ -446,7 +487,7 @@ class Agent:
         base = base or KeySet()
         actions = tuple(actions)
         out = list(records if records is not None else apply_plan_edits(base, actions))
-        new_signers: list[Signer] = []
+        new_signers: list[SigningKey] = []
         for action in actions:
             if isinstance(action, CreateKey):
                 record, signer = await self._create_key(action, now, origin_key)
@@ -481,32 +522,48 @@ class Agent:
 
     async def _create_key(
         self, action: CreateKey, now: int, origin_key: tuple[PrivateKey, str] | None
-    ) -> tuple[KeyRecord, Signer]:
-        if origin_key is None:
-            alg = self.config.keys.algorithm
-            if alg in ("RS256", "PS256"):  # RSA generation takes ~100 ms: keep it off the loop
-                key = await trio.to_thread.run_sync(generate_private_key, alg)
-            else:  # EC and Ed25519 keys take microseconds
-                key = generate_private_key(alg)
+    ) -> tuple[KeyRecord, SigningKey]:
+        signer: SigningKey
+        if self.remote is not None:
+            if origin_key is not None:
+                raise BackendConfigError(
+                    "cannot import a private key into a remote backend's key set: its keys "
+                    "are created inside the KMS/HSM",
+                    "import the key with the KMS/HSM's own tools, or use backend.mode = 'wrap'",
+                )
+            signer, private = await self._create_remote_key()
+            alg = signer.alg
         else:
-            key, alg = origin_key
-        signer = Signer.from_private_key(key, alg)
-        with trio.fail_after(self.backend_timeout):
-            sealed = await seal(
-                self.wrapper,
-                private_key_to_pkcs8(key),
-                kid=signer.kid,
-                prefix=self.config.store.prefix,
-            )
+            if origin_key is None:
+                alg = self.config.keys.algorithm
+                if alg in ("RS256", "PS256"):  # RSA generation takes ~100 ms: off the loop
+                    key = await trio.to_thread.run_sync(generate_private_key, alg)
+                else:  # EC and Ed25519 keys take microseconds
+                    key = generate_private_key(alg)
+            else:
+                key, alg = origin_key
+            signer = Signer.from_private_key(key, alg)
+            wrapper = self.wrapper
+            assert not isinstance(wrapper, RemoteSigner)
+            with trio.fail_after(self.backend_timeout):
+                private = await seal(
+                    wrapper,
+                    private_key_to_pkcs8(key),
+                    kid=signer.kid,
+                    prefix=self.config.store.prefix,
+                )
         endorser = signing_key(self.keyring.keyset, now)
         endorsement = None
         if endorser is not None and endorser.kid in self.keyring.signers:
-            endorsement = endorse(self.keyring.signers[endorser.kid], signer.jwk, now // 1000)
+            with trio.fail_after(self.backend_timeout):
+                endorsement = await endorse_async(
+                    self.keyring.signers[endorser.kid], signer.jwk, now // 1000
+                )
         record = KeyRecord(
             kid=signer.kid,
             alg=alg,
             jwk=signer.jwk,
-            private=sealed,
+            private=private,
             created_at=action.created_at,
             activate_at=action.activate_at,
             deactivate_at=action.deactivate_at,
@@ -516,6 +573,58 @@ class Agent:
         )
         log.info("created key %s (%s): %s", signer.kid, alg, action.reason or "operator request")
         return record, signer
+
+    async def _create_remote_key(self) -> tuple[RemoteKeySigner, dict[str, Any]]:
+        """A new key pair inside the KMS/HSM. If this leader dies before the key set naming it
+        is written, the key is an orphan that `reconcile_remote_keys` retires later."""
+        remote = self.remote
+        assert remote is not None
+        alg = self.config.keys.algorithm
+        if not remote.supports(alg):
+            raise BackendConfigError(
+                f"keys.algorithm: the {remote.kind} backend cannot hold {alg} keys",
+                "choose an algorithm the KMS/HSM supports (ES256 works everywhere)",
+            )
+        with trio.fail_after(self.backend_timeout):
+            created = await remote.create_key(alg, self.config.store.prefix)
+        jwk = jwk_of_pem(created.public_key_pem, alg)
+        self.metrics.inc("keyquorum_remote_keys_created_total")
+        return RemoteKeySigner(remote, created.ref, alg, jwk), remote_private(
+            remote.kind, created.ref
+        )
+
+    async def reconcile_remote_keys(self, now: int) -> list[dict[str, str]]:
+        """Retire every remote key of this cluster that the key set no longer names: keys the
+        policy dropped (expired, nothing they signed is valid) and orphans of crashed leaders.
+
+        Only the leader runs this, under its write lock, so it never races its own creation; a
+        deposed leader's in-flight key is an orphan (its write will be fenced). Keys younger
+        than a safety margin are left for the next pass, against clock skew with the backend.
+        """
+        remote = self.remote
+        keyset = self.keyring.keyset
+        if remote is None or keyset is None:
+            return []
+        named = {
+            _ref_key(remote_ref(r.private, remote.kind, r.kid))
+            for r in keyset.keys
+            if is_remote(r.private)
+        }
+        margin = int(2 * self.backend_timeout * 1000) + self.timing.lease_ttl
+        with trio.fail_after(self.backend_timeout):
+            owned = await remote.owned_keys(self.config.store.prefix)
+        retired = []
+        for key in owned:
+            if _ref_key(key.ref) in named:
+                continue
+            if key.created_at is not None and now - key.created_at < margin:
+                continue
+            with trio.fail_after(self.backend_timeout):
+                await remote.retire(key.ref)
+            self.metrics.inc("keyquorum_remote_keys_retired_total")
+            log.info("retired remote key %s (no longer in the key set)", dict(key.ref))
+            retired.append(dict(key.ref))
+        return retired
 
     # ---- operator commands (admin permission; DESIGN.md §6) ----------------------------------
 
@@ -662,3 +771,7 @@ def _group_id(group: str | None) -> int | None:
     import grp
 
     return grp.getgrnam(group).gr_gid
+
+
+def _ref_key(ref: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(ref.items()))

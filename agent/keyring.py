@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.crypto import Signer
+from agent.crypto import SigningKey
 from agent.keyset import KeyRecord, KeySet
 from agent.policy import keys_to_load, signing_schedule
 
@@ -25,7 +25,7 @@ class NotReady(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    signer: Signer
+    signer: SigningKey
     preferred: str  # the kid the policy names; differs from signer.kid when falling back
     valid_until: int
 
@@ -33,7 +33,7 @@ class Choice:
 class Keyring:
     def __init__(self) -> None:
         self.keyset: KeySet | None = None
-        self.signers: dict[str, Signer] = {}
+        self.signers: dict[str, SigningKey] = {}
         self._choice: Choice | None = None
         self._horizon = -1
 
@@ -47,7 +47,7 @@ class Keyring:
         self._choice = None
         self._horizon = -1
 
-    def add_signer(self, signer: Signer) -> None:
+    def add_signer(self, signer: SigningKey) -> None:
         self.signers[signer.kid] = signer
         self._choice = None
         self._horizon = -1
@@ -60,7 +60,7 @@ class Keyring:
     def loaded(self) -> frozenset[str]:
         return frozenset(self.signers)
 
-    def current(self, now: int) -> Signer:
+    def current(self, now: int) -> SigningKey:
         """The signer to use at `now`, or NotReady with the reason."""
         choice = self._choice
         if choice is not None and now < choice.valid_until:
@@ -89,7 +89,7 @@ class Keyring:
         self._choice = choice
         return choice
 
-    def _fallback(self, now: int, wanted: KeyRecord) -> Signer:
+    def _fallback(self, now: int, wanted: KeyRecord) -> SigningKey:
         assert self.keyset is not None
         usable = [
             r

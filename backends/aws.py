@@ -14,12 +14,15 @@ shared config `profile`, instance or task role); none is ever stored in the agen
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping
 from typing import Any
 
 import boto3
 import botocore.config
 import botocore.exceptions
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from agent.crypto import b64url_decode, b64url_encode
 from backends.base import (
@@ -27,6 +30,7 @@ from backends.base import (
     BackendDenied,
     BackendError,
     BackendUnavailable,
+    RemoteKey,
 )
 from backends.calls import CallPolicy, in_thread, retry
 
@@ -109,7 +113,12 @@ class AwsKmsWrapper:
             except BackendError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every SDK error is translated here
-                raise _translate(exc, what, self.key_id, wrapping=wrapping) from None
+                raise _translate(
+                    exc,
+                    what,
+                    "kms:Encrypt" if wrapping else "kms:Decrypt",
+                    missing_is_config=wrapping,
+                ) from None
             return result
 
         return await retry(attempt, what=what, policy=self.policy)
@@ -121,14 +130,16 @@ class AwsKmsWrapper:
         return f"AwsKmsWrapper(key_id={self.key_id!r})"
 
 
-def _translate(exc: Exception, what: str, key_id: str, *, wrapping: bool) -> BackendError:
+def _translate(
+    exc: Exception, what: str, permission: str, *, missing_is_config: bool
+) -> BackendError:
     """One place mapping botocore's exceptions to the backend error hierarchy."""
+    wrapping = missing_is_config
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         message = str(error.get("Message", "")).strip() or code
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        permission = "kms:Encrypt" if wrapping else "kms:Decrypt"
         if code in ("AccessDeniedException", "AccessDenied"):
             return BackendDenied(
                 f"{what}: access denied ({message})",
@@ -162,10 +173,12 @@ def _translate(exc: Exception, what: str, key_id: str, *, wrapping: bool) -> Bac
                 "enable the key (kms:EnableKey) or cancel its scheduled deletion",
             )
         if code in ("ValidationException", "InvalidKeyUsageException", "InvalidArnException"):
-            return (BackendConfigError if wrapping else BackendDenied)(
-                f"{what}: {code}: {message}",
-                "backend.key_id must name a SYMMETRIC_DEFAULT ENCRYPT_DECRYPT key",
-            )
+            if wrapping:
+                return BackendConfigError(
+                    f"{what}: {code}: {message}",
+                    "backend.key_id must name a SYMMETRIC_DEFAULT ENCRYPT_DECRYPT key",
+                )
+            return BackendDenied(f"{what}: {code}: {message}")
         if code in _THROTTLED or status == 429 or status >= 500:
             return BackendUnavailable(f"{what}: KMS is throttling or failing ({code or status})")
         return BackendDenied(f"{what}: {code}: {message}")
@@ -211,10 +224,14 @@ def build(options: Mapping[str, Any]) -> AwsKmsWrapper:
         )
     key_id = _string_option(options, "key_id", required=True)
     assert key_id is not None
+    policy = CallPolicy.from_options(options)
+    return AwsKmsWrapper(_kms_client(options, policy), key_id, policy)
+
+
+def _kms_client(options: Mapping[str, Any], policy: CallPolicy) -> Any:
     region = _string_option(options, "region")
     endpoint_url = _string_option(options, "endpoint_url")
     profile = _string_option(options, "profile")
-    policy = CallPolicy.from_options(options)
     config = botocore.config.Config(
         connect_timeout=policy.attempt_timeout,
         read_timeout=policy.attempt_timeout,
@@ -222,7 +239,195 @@ def build(options: Mapping[str, Any]) -> AwsKmsWrapper:
     )
     try:
         session = boto3.session.Session(profile_name=profile, region_name=region)
-        client = session.client("kms", endpoint_url=endpoint_url, config=config)
+        return session.client("kms", endpoint_url=endpoint_url, config=config)
     except botocore.exceptions.BotoCoreError as exc:
-        raise _translate(exc, "aws-kms setup", key_id, wrapping=True) from None
-    return AwsKmsWrapper(client, key_id, policy)
+        raise _translate(exc, "aws-kms setup", "", missing_is_config=True) from None
+
+
+# ---- remote signing: one KMS key per rotation (backend.mode = "remote") ----------------------
+
+# JWS alg -> (KMS KeySpec, SigningAlgorithm, hash for DIGEST messages, EC coordinate size)
+_SPECS: dict[str, tuple[str, str, Any, int]] = {
+    "ES256": ("ECC_NIST_P256", "ECDSA_SHA_256", hashes.SHA256, 32),
+    "ES384": ("ECC_NIST_P384", "ECDSA_SHA_384", hashes.SHA384, 48),
+    "RS256": ("RSA_2048", "RSASSA_PKCS1_V1_5_SHA_256", hashes.SHA256, 0),
+    "PS256": ("RSA_2048", "RSASSA_PSS_SHA_256", hashes.SHA256, 0),
+}
+PREFIX_TAG = "keyquorum:prefix"
+RAW_LIMIT = 4096  # kms:Sign takes 1 B to 4 KiB of RAW message; others are sent hashed
+_SIGNER_OPTIONS = frozenset(
+    {"region", "endpoint_url", "profile", "timeout", "attempt_timeout", "deletion_window_days"}
+)
+
+
+class AwsKmsSigner:
+    """Creates an asymmetric KMS key per rotation, tagged with the cluster prefix, and signs
+    with kms:Sign; unused keys are scheduled for deletion (kms:ScheduleKeyDeletion).
+
+    ECDSA signatures come back DER-encoded and are converted to JWS's raw r||s. Messages over
+    4 KiB are hashed here and sent as DIGEST (the signature is the same either way).
+    """
+
+    kind = "aws-kms"
+
+    def __init__(self, client: Any, policy: CallPolicy, deletion_window_days: int = 7) -> None:
+        self._client = client
+        self.policy = policy
+        self.deletion_window_days = deletion_window_days
+
+    def supports(self, alg: str) -> bool:
+        return alg in _SPECS
+
+    async def create_key(self, alg: str, prefix: str) -> RemoteKey:
+        spec = _SPECS[alg][0]
+        created = await self._call(
+            "kms:CreateKey",
+            lambda: self._client.create_key(
+                KeyUsage="SIGN_VERIFY",
+                KeySpec=spec,
+                Description=f"keyquorum signing key ({alg}) for {prefix}",
+                Tags=[{"TagKey": PREFIX_TAG, "TagValue": prefix}],
+            ),
+        )
+        metadata = created["KeyMetadata"]
+        ref = {"key_arn": str(metadata["Arn"])}
+        return RemoteKey(ref, await self.public_key(ref), _millis(metadata.get("CreationDate")))
+
+    async def public_key(self, ref: Mapping[str, str]) -> bytes:
+        arn = ref["key_arn"]
+        response = await self._call(
+            f"kms:GetPublicKey of {arn}", lambda: self._client.get_public_key(KeyId=arn)
+        )
+        try:
+            key = serialization.load_der_public_key(response["PublicKey"])
+        except (KeyError, ValueError):
+            raise BackendDenied(f"kms:GetPublicKey of {arn} returned no usable key") from None
+        return key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    async def sign(self, ref: Mapping[str, str], alg: str, data: bytes) -> bytes:
+        _, algorithm, hash_type, size = _SPECS[alg]
+        arn = ref["key_arn"]
+        if 0 < len(data) <= RAW_LIMIT:
+            message, message_type = data, "RAW"
+        else:
+            digest = hashes.Hash(hash_type())
+            digest.update(data)
+            message, message_type = digest.finalize(), "DIGEST"
+        response = await self._call(
+            f"kms:Sign with {arn}",
+            lambda: self._client.sign(
+                KeyId=arn,
+                Message=message,
+                MessageType=message_type,
+                SigningAlgorithm=algorithm,
+            ),
+        )
+        signature = response["Signature"]
+        if size:  # ECDSA: DER -> r||s
+            r, s = decode_dss_signature(signature)
+            return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+        return bytes(signature)
+
+    async def owned_keys(self, prefix: str) -> list[RemoteKey]:
+        """Keys tagged with this prefix and not already pending deletion. (One ListResourceTags
+        per key in the account and region: fine for a dedicated account or a few hundred keys.)
+        """
+        owned = []
+        for arn in await self._all_key_arns():
+            tags = await self._call(
+                f"kms:ListResourceTags of {arn}",
+                lambda arn=arn: self._client.list_resource_tags(KeyId=arn),
+            )
+            if not any(
+                t.get("TagKey") == PREFIX_TAG and t.get("TagValue") == prefix
+                for t in tags.get("Tags", [])
+            ):
+                continue
+            metadata = (
+                await self._call(
+                    f"kms:DescribeKey of {arn}",
+                    lambda arn=arn: self._client.describe_key(KeyId=arn),
+                )
+            )["KeyMetadata"]
+            if metadata.get("KeyState") in ("PendingDeletion", "PendingReplicaDeletion"):
+                continue
+            owned.append(
+                RemoteKey(
+                    {"key_arn": str(metadata["Arn"])}, b"", _millis(metadata.get("CreationDate"))
+                )
+            )
+        return owned
+
+    async def _all_key_arns(self) -> list[str]:
+        arns: list[str] = []
+        marker: str | None = None
+        while True:
+            kwargs = {"Marker": marker} if marker else {}
+            page = await self._call(
+                "kms:ListKeys", lambda kwargs=kwargs: self._client.list_keys(**kwargs)
+            )
+            arns.extend(str(k["KeyArn"]) for k in page.get("Keys", []))
+            marker = page.get("NextMarker")
+            if not page.get("Truncated") or not marker:
+                return arns
+
+    async def retire(self, ref: Mapping[str, str]) -> None:
+        arn = ref["key_arn"]
+        # By key id, not ARN: the same key for KMS (the client is in the key's account and
+        # region), and moto's ScheduleKeyDeletion only finds keys by id.
+        key_id = arn.rsplit("/", 1)[-1]
+        await self._call(
+            f"kms:ScheduleKeyDeletion of {arn}",
+            lambda: self._client.schedule_key_deletion(
+                KeyId=key_id, PendingWindowInDays=self.deletion_window_days
+            ),
+        )
+
+    async def _call(self, what: str, fn: Any) -> dict[str, Any]:
+        permission = what.split(" ", 1)[0]
+
+        async def attempt() -> dict[str, Any]:
+            try:
+                result: dict[str, Any] = await in_thread(fn)
+            except Exception as exc:  # noqa: BLE001 - every SDK error is translated here
+                raise _translate(exc, what, permission, missing_is_config=False) from None
+            return result
+
+        return await retry(attempt, what=what, policy=self.policy)
+
+    def describe(self) -> str:
+        return "AWS KMS (one asymmetric key per rotation)"
+
+    def __repr__(self) -> str:
+        return "AwsKmsSigner()"
+
+
+def _millis(value: Any) -> int | None:
+    if isinstance(value, datetime.datetime):
+        return int(value.timestamp() * 1000)
+    return None
+
+
+def build_signer(options: Mapping[str, Any]) -> AwsKmsSigner:
+    """Options: region, endpoint_url, profile, timeout, attempt_timeout, deletion_window_days."""
+    if "key_id" in options:
+        raise BackendConfigError(
+            "backend.key_id: not used with mode = 'remote' (the leader creates a KMS key per "
+            "rotation)",
+            "remove backend.key_id, or use mode = 'wrap' to wrap keys under that KMS key",
+        )
+    unknown = set(options) - _SIGNER_OPTIONS
+    if unknown:
+        raise BackendConfigError(
+            f"backend: unknown setting(s) {', '.join(sorted(unknown))} for aws-kms remote keys",
+            f"remote aws-kms takes {', '.join(sorted(_SIGNER_OPTIONS))}",
+        )
+    window = options.get("deletion_window_days", 7)
+    if isinstance(window, bool) or not isinstance(window, int) or not 7 <= window <= 30:
+        raise BackendConfigError(
+            f"backend.deletion_window_days: KMS allows 7 to 30 days, not {window!r}"
+        )
+    policy = CallPolicy.from_options(options)
+    return AwsKmsSigner(_kms_client(options, policy), policy, window)

@@ -9,6 +9,7 @@ lives here so far; remote signers and secret stores get their own protocols besi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
 
@@ -66,3 +67,53 @@ class KeyWrapper(Protocol):
     def describe(self) -> str:
         """A one-line description for status and logs (never secret material)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteKey:
+    """A key pair created inside a KMS/HSM: its public half, and how to find it again.
+
+    `ref` is JSON-safe and is all a key record stores of a remote key (DESIGN.md §8): no private
+    material ever leaves the backend. `created_at` (ms, the backend's own clock where it has
+    one) lets the leader tell a fresh key from one stranded by a crash.
+    """
+
+    ref: Mapping[str, str]
+    public_key_pem: bytes
+    created_at: int | None = None
+
+
+@runtime_checkable
+class RemoteSigner(Protocol):
+    """Creates one key per rotation inside the backend and signs with it there.
+
+    Keys carry the cluster prefix (as a tag, label or name) so that `owned_keys` can find every
+    key this cluster ever created, including ones a crashed leader created and never published;
+    the leader schedules the deletion of each key no longer in the key set (`retire`). Signatures
+    come back in JWS encoding (EC: raw r||s), whatever the provider's native format.
+    """
+
+    @property
+    def kind(self) -> str: ...
+
+    def supports(self, alg: str) -> bool:
+        """Whether this backend can create and sign with keys of JWS algorithm `alg`."""
+        ...
+
+    async def create_key(self, alg: str, prefix: str) -> RemoteKey: ...
+
+    async def public_key(self, ref: Mapping[str, str]) -> bytes:
+        """The PEM public key the backend holds for `ref` (checked against the record)."""
+        ...
+
+    async def sign(self, ref: Mapping[str, str], alg: str, data: bytes) -> bytes: ...
+
+    async def owned_keys(self, prefix: str) -> list[RemoteKey]:
+        """Every live (not yet retired) key this backend created for the cluster `prefix`."""
+        ...
+
+    async def retire(self, ref: Mapping[str, str]) -> None:
+        """Schedule the key's deletion (or destroy it where the backend has no schedule)."""
+        ...
+
+    def describe(self) -> str: ...

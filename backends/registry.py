@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import BackendConfigError, KeyWrapper
+from backends.base import BackendConfigError, KeyWrapper, RemoteSigner
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +33,23 @@ KEY_WRAPPERS: dict[str, Provider] = {
 }
 
 
-def make_key_wrapper(kind: str, options: Mapping[str, Any]) -> KeyWrapper:
-    """Build the key wrapper the config's `backend.kind` names, or raise BackendConfigError."""
-    provider = KEY_WRAPPERS.get(kind) if isinstance(kind, str) else None
+# Backends that can also keep keys inside themselves and sign there (backend.mode = "remote");
+# each module exposes `build_signer(options) -> RemoteSigner`.
+REMOTE_SIGNERS: dict[str, Provider] = {
+    "aws-kms": Provider("backends.aws", "aws"),
+    "vault-transit": Provider("backends.vault"),
+}
+
+
+def _provider_module(table: dict[str, Provider], kind: str, what: str) -> Any:
+    provider = table.get(kind) if isinstance(kind, str) else None
     if provider is None:
         raise BackendConfigError(
-            f"backend.kind: unknown backend {kind!r}; known: {', '.join(sorted(KEY_WRAPPERS))}",
+            f"backend.kind: unknown {what} {kind!r}; known: {', '.join(sorted(table))}",
             "set backend.kind to one of the known backends",
         )
     try:
-        module = importlib.import_module(provider.module)
+        return importlib.import_module(provider.module)
     except ImportError as exc:
         if provider.extra is None or (exc.name or "").startswith(provider.module):
             raise  # our own module is missing or broken: a packaging bug, not a config error
@@ -51,7 +58,26 @@ def make_key_wrapper(kind: str, options: Mapping[str, Any]) -> KeyWrapper:
             "installed",
             f"pip install 'keyquorum[{provider.extra}]'",
         ) from exc
+
+
+def make_key_wrapper(kind: str, options: Mapping[str, Any]) -> KeyWrapper:
+    """Build the key wrapper the config's `backend.kind` names, or raise BackendConfigError."""
+    module = _provider_module(KEY_WRAPPERS, kind, "backend")
     wrapper = module.build(options)
     if not isinstance(wrapper, KeyWrapper):  # pragma: no cover - a provider module bug
-        raise TypeError(f"{provider.module}.build returned {type(wrapper).__name__}")
+        raise TypeError(f"{module.__name__}.build returned {type(wrapper).__name__}")
     return wrapper
+
+
+def make_remote_signer(kind: str, options: Mapping[str, Any]) -> RemoteSigner:
+    """Build the remote signer for `backend.mode = "remote"`, or raise BackendConfigError."""
+    if kind not in REMOTE_SIGNERS and kind in KEY_WRAPPERS:
+        raise BackendConfigError(
+            f"backend.mode: the {kind!r} backend can only wrap keys, not sign remotely",
+            f"use mode = 'wrap', or one of {', '.join(sorted(REMOTE_SIGNERS))} for remote keys",
+        )
+    module = _provider_module(REMOTE_SIGNERS, kind, "remote signer")
+    signer = module.build_signer(options)
+    if not isinstance(signer, RemoteSigner):  # pragma: no cover - a provider module bug
+        raise TypeError(f"{module.__name__}.build_signer returned {type(signer).__name__}")
+    return signer

@@ -14,7 +14,12 @@ node, and nothing is left open between rotations.
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime
+import hashlib
 import os
+import re
+import secrets
 import ssl
 import stat
 from collections.abc import Mapping
@@ -22,8 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from backends.base import BackendConfigError, BackendDenied, BackendError, BackendUnavailable
+from agent.crypto import b64url_decode
+from backends.base import (
+    BackendConfigError,
+    BackendDenied,
+    BackendError,
+    BackendUnavailable,
+    RemoteKey,
+)
 from backends.calls import CallPolicy, retry
 from backends.envelope import associated_data
 
@@ -139,6 +153,7 @@ class VaultTransitWrapper:
         wrapping: bool,
         *,
         kid: str = "",
+        missing_ok: bool = False,
     ) -> dict[str, Any]:
         what = f"{path}" + (f" of {kid}" if kid else "")
 
@@ -157,6 +172,8 @@ class VaultTransitWrapper:
                     f"{what}: cannot reach {self.address} ({type(exc).__name__})",
                     "is the Vault/OpenBao server up and reachable from this node?",
                 ) from None
+            if response.status_code == 204 or (missing_ok and response.status_code == 404):
+                return {}
             if response.status_code == 200:
                 try:
                     data = response.json()["data"]
@@ -301,4 +318,182 @@ def build(options: Mapping[str, Any]) -> VaultTransitWrapper:
         token=options.get("token"),
         token_file=token_file,
         verify=_tls(options.get("ca_file")),
+    )
+
+
+# ---- remote signing: one transit key per rotation (backend.mode = "remote") ------------------
+
+# JWS alg -> (transit key type, sign request parameters, how the signature is encoded)
+_TRANSIT_TYPES: dict[str, tuple[str, dict[str, str]]] = {
+    "ES256": ("ecdsa-p256", {"hash_algorithm": "sha2-256", "marshaling_algorithm": "jws"}),
+    "ES384": ("ecdsa-p384", {"hash_algorithm": "sha2-384", "marshaling_algorithm": "jws"}),
+    "EdDSA": ("ed25519", {}),
+    "RS256": ("rsa-2048", {"hash_algorithm": "sha2-256", "signature_algorithm": "pkcs1v15"}),
+    "PS256": (
+        "rsa-2048",
+        {"hash_algorithm": "sha2-256", "signature_algorithm": "pss", "salt_length": "hash"},
+    ),
+}
+_SIGNER_OPTIONS = frozenset(
+    {
+        "address",
+        "token",
+        "token_file",
+        "mount",
+        "key_name_prefix",
+        "namespace",
+        "ca_file",
+        "timeout",
+        "attempt_timeout",
+    }
+)
+
+
+class VaultTransitSigner(VaultTransitWrapper):
+    """Creates a non-exportable transit key per rotation and signs with transit/sign.
+
+    Keys are named `<key_name_prefix>-<8 hex of the cluster prefix's SHA-256>-<random>`, so one
+    LIST finds every key of this cluster. Vault/OpenBao have no scheduled deletion: `retire`
+    enables deletion on the key and deletes it (the key set no longer names it, and nothing it
+    signed can still be valid).
+    """
+
+    kind = "vault-transit"
+
+    def __init__(self, address: str, key_name_prefix: str, policy: CallPolicy, **kw: Any) -> None:
+        super().__init__(address, key_name_prefix, policy, **kw)
+        self.key_name_prefix = key_name_prefix
+
+    def supports(self, alg: str) -> bool:
+        return alg in _TRANSIT_TYPES
+
+    def _names_for(self, prefix: str) -> str:
+        return f"{self.key_name_prefix}-{hashlib.sha256(prefix.encode()).hexdigest()[:8]}-"
+
+    async def create_key(self, alg: str, prefix: str) -> RemoteKey:
+        name = self._names_for(prefix) + secrets.token_hex(6)
+        key_type = _TRANSIT_TYPES[alg][0]
+        await self._request(
+            "POST", f"{self.mount}/keys/{name}", {"type": key_type, "exportable": "false"}, False
+        )
+        ref = {"key_name": name}
+        pem, created = await self._public(name)
+        return RemoteKey(ref, pem, created)
+
+    async def _public(self, name: str) -> tuple[bytes, int | None]:
+        data = await self._request("GET", f"{self.mount}/keys/{name}", None, False)
+        versions = data.get("keys")
+        first = versions.get("1") if isinstance(versions, dict) else None
+        if not isinstance(first, dict) or not isinstance(first.get("public_key"), str):
+            raise BackendDenied(f"transit key {self.mount}/{name} has no public key")
+        created = None
+        stamp = first.get("creation_time")
+        if isinstance(stamp, str):
+            with contextlib.suppress(ValueError):
+                created = int(datetime.datetime.fromisoformat(stamp).timestamp() * 1000)
+        public = first["public_key"]
+        if not public.startswith("-----BEGIN"):  # ed25519 keys come as base64 of the raw key
+            try:
+                raw = base64.b64decode(public, validate=True)
+                key = ed25519.Ed25519PublicKey.from_public_bytes(raw)
+            except ValueError:
+                raise BackendDenied(f"transit key {name}: unreadable public key") from None
+            public = key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode()
+        return public.encode(), created
+
+    async def public_key(self, ref: Mapping[str, str]) -> bytes:
+        return (await self._public(self._ref_name(ref)))[0]
+
+    def _ref_name(self, ref: Mapping[str, str]) -> str:
+        name = ref.get("key_name", "")
+        if not name.startswith(f"{self.key_name_prefix}-") or "/" in name:
+            raise BackendDenied(
+                f"remote key {name!r} is not one of this agent's transit keys",
+                "backend.key_name_prefix must match the one the key set was created with",
+            )
+        return name
+
+    async def sign(self, ref: Mapping[str, str], alg: str, data: bytes) -> bytes:
+        name = self._ref_name(ref)
+        body = {"input": _b64(data), **_TRANSIT_TYPES[alg][1]}
+        answer = await self._request("POST", f"{self.mount}/sign/{name}", body, False)
+        signature = answer.get("signature")
+        if not isinstance(signature, str) or not signature.startswith("vault:v"):
+            raise BackendUnavailable(f"transit sign with {name}: no signature in the answer")
+        encoded = signature.split(":", 2)[2]
+        try:
+            if alg in ("ES256", "ES384"):  # marshaling_algorithm=jws: base64url r||s
+                return b64url_decode(encoded)
+            return base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raise BackendUnavailable(f"transit sign with {name}: undecodable signature") from None
+
+    async def owned_keys(self, prefix: str) -> list[RemoteKey]:
+        start = self._names_for(prefix)
+        listing = await self._request(  # 404: no keys on the mount yet
+            "GET", f"{self.mount}/keys?list=true", None, False, missing_ok=True
+        )
+        names = [n for n in listing.get("keys", []) if isinstance(n, str) and n.startswith(start)]
+        owned = []
+        for name in names:
+            _, created = await self._public(name)
+            owned.append(RemoteKey({"key_name": name}, b"", created))
+        return owned
+
+    async def retire(self, ref: Mapping[str, str]) -> None:
+        name = self._ref_name(ref)
+        await self._request(
+            "POST", f"{self.mount}/keys/{name}/config", {"deletion_allowed": "true"}, False
+        )
+        await self._request("DELETE", f"{self.mount}/keys/{name}", None, False)
+
+    def describe(self) -> str:
+        return (
+            f"Vault transit at {self.address}, one key per rotation "
+            f"({self.mount}/{self.key_name_prefix}-*)"
+        )
+
+    def __repr__(self) -> str:
+        return f"VaultTransitSigner(address={self.address!r}, mount={self.mount!r})"
+
+
+def build_signer(options: Mapping[str, Any]) -> VaultTransitSigner:
+    """Options: address (required), key_name_prefix (default "keyquorum"), mount, namespace,
+    token_file / token, ca_file, timeout, attempt_timeout."""
+    if "key_name" in options:
+        raise BackendConfigError(
+            "backend.key_name: not used with mode = 'remote' (the leader creates a transit key "
+            "per rotation)",
+            "set backend.key_name_prefix instead, or use mode = 'wrap'",
+        )
+    unknown = set(options) - _SIGNER_OPTIONS
+    if unknown:
+        raise BackendConfigError(
+            f"backend: unknown setting(s) {', '.join(sorted(unknown))} for remote vault-transit",
+            f"remote vault-transit takes {', '.join(sorted(_SIGNER_OPTIONS))}",
+        )
+    key_name_prefix = options.get("key_name_prefix", "keyquorum")
+    if not isinstance(key_name_prefix, str) or not re.fullmatch(
+        r"[A-Za-z0-9_.-]+", key_name_prefix
+    ):
+        raise BackendConfigError(
+            f"backend.key_name_prefix: {key_name_prefix!r} must be letters, digits, '.', '_' or '-'"
+        )
+    wrapper = build(
+        {
+            **{k: v for k, v in options.items() if k != "key_name_prefix"},
+            "key_name": key_name_prefix,
+        }
+    )
+    return VaultTransitSigner(
+        wrapper.address,
+        key_name_prefix,
+        wrapper.policy,
+        mount=wrapper.mount,
+        namespace=wrapper.namespace,
+        token=wrapper._token,
+        token_file=wrapper._token_file,
+        verify=wrapper._verify,
     )

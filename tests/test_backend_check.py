@@ -9,6 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from helpers import QUIET_KEYS, write_config
 from servers import OpenBaoServer
@@ -99,3 +100,27 @@ def test_a_bad_backend_setting_fails_the_configure_step(short_tmp: Path) -> None
     result = backend_check(config)
     assert result.returncode == 1
     assert "FAIL  configure" in result.stdout and "regin" in result.stdout
+
+
+def test_remote_mode_creates_signs_verifies_and_retires_a_probe_key(
+    openbao: OpenBaoServer, short_tmp: Path
+) -> None:
+    mount = f"transit-{uuid.uuid4().hex[:8]}"
+    openbao.api("POST", f"sys/mounts/{mount}", {"type": "transit"})
+    backend = {
+        "kind": "vault-transit",
+        "mode": "remote",
+        "address": openbao.url,
+        "token": openbao.token,
+        "mount": mount,
+    }
+    config = write_config(short_tmp, keys=QUIET_KEYS, backend=backend)
+    result = backend_check(config, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [s["step"] for s in json.loads(result.stdout)["steps"]]
+    assert steps == ["create", "sign", "verify", "retire", "key set"]
+    # The probe key is gone: the mount lists no keys at all (404).
+    listing = httpx.get(
+        f"{openbao.url}/v1/{mount}/keys?list=true", headers={"X-Vault-Token": openbao.token}
+    )
+    assert listing.status_code == 404, listing.text

@@ -274,6 +274,8 @@ def test_jwt_issuer_and_audience_are_carried(tmp_path: Path) -> None:
         ('[store]\nkind = "etcd"\nendpoints = ["127.0.0.1:2379"]\n', "store.endpoints"),
         ('[store]\nkind = "etcd"\nendpoints = ["http://a:1"]\nedpoints = 1\n', "store.edpoints"),
         ("[backend]\nkind = 3\n", "backend.kind"),
+        ('[backend]\nkind = "aws-kms"\nmode = "sign"\n', "backend.mode: 'sign' is not"),
+        ('[backend]\nmode = "remote"\n', "backend.mode: the local backend can only wrap"),
         ('node_id = "has space"\n', "node_id"),
         ('cluster = ""\n', "cluster"),
         ('log_level = "verbose"\n', "log_level"),
@@ -391,6 +393,7 @@ def test_extra_store_and_backend_keys_become_options(tmp_path: Path) -> None:
     assert config.store.options["endpoints"] == ["http://a:2379", "http://b:2379"]
     assert config.backend.kind == "aws"
     assert dict(config.backend.options) == {"key_id": "alias/kq", "region": "eu"}
+    assert config.backend.mode == "wrap"
 
 
 def test_keyquorum_config_chooses_the_file_and_an_argument_beats_it(tmp_path: Path) -> None:
