@@ -21,10 +21,11 @@ import trio
 from agent.config import AgentConfig
 from agent.crypto import generate_private_key, private_key_to_pkcs8, verify_signature
 from agent.keyset import KeySetInvalid, parse_keyset
-from backends.base import BackendDenied, BackendError, KeyWrapper, RemoteSigner
+from backends.base import BackendDenied, BackendError, KeyWrapper, RemoteSigner, SecretStore
 from backends.envelope import open_sealed, seal
-from backends.registry import make_key_wrapper, make_remote_signer
+from backends.registry import make_key_wrapper, make_remote_signer, make_secret_store
 from backends.remote import RemoteKeySigner, jwk_of_pem
+from backends.secret_keys import decode_value, encode_value, secret_ref
 
 
 @dataclass
@@ -79,6 +80,27 @@ async def _timed(fn: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
     return result, (time.perf_counter() - started) * 1000
 
 
+async def _step(
+    report: Report,
+    deadline: float,
+    name: str,
+    fn: Callable[[], Awaitable[Any]],
+    ok_detail: str,
+) -> Any:
+    """Run one timed step, recording it; its result (True for None), or None when it failed."""
+    try:
+        with trio.fail_after(deadline):
+            result, millis = await _timed(fn)
+    except BackendError as exc:
+        report.steps.append(Step(name, False, exc.message, hint=exc.hint))
+        return None
+    except trio.TooSlowError:
+        report.steps.append(Step(name, False, f"no answer within {deadline:g}s"))
+        return None
+    report.steps.append(Step(name, True, ok_detail, millis))
+    return True if result is None else result
+
+
 async def check_backend(config: AgentConfig, *, with_keyset: bool = True) -> Report:
     """Run every step; a failed step stops the ones that depend on it."""
     from agent.factory import backend_deadline, build_store
@@ -86,6 +108,8 @@ async def check_backend(config: AgentConfig, *, with_keyset: bool = True) -> Rep
     report = Report()
     if config.backend.mode == "remote":
         return await _check_remote(report, config, with_keyset=with_keyset)
+    if config.backend.mode == "secret":
+        return await _check_secret_store(report, config, with_keyset=with_keyset)
     options = dict(config.backend.options)
     if config.backend.kind == "local":
         options["create_kek"] = False  # a check must not mint a KEK the agent would then use
@@ -100,18 +124,8 @@ async def check_backend(config: AgentConfig, *, with_keyset: bool = True) -> Rep
     probe_kid = f"keyquorum-probe-{os.urandom(6).hex()}"
     pkcs8 = private_key_to_pkcs8(generate_private_key("ES256"))
 
-    async def step(name: str, fn: Callable[[], Awaitable[Any]], ok_detail: str) -> Any:
-        try:
-            with trio.fail_after(deadline):
-                result, millis = await _timed(fn)
-        except BackendError as exc:
-            report.steps.append(Step(name, False, exc.message, hint=exc.hint))
-            return None
-        except trio.TooSlowError:
-            report.steps.append(Step(name, False, f"no answer within {deadline:g}s"))
-            return None
-        report.steps.append(Step(name, True, ok_detail, millis))
-        return result
+    def step(name: str, fn: Callable[[], Awaitable[Any]], ok_detail: str) -> Awaitable[Any]:
+        return _step(report, deadline, name, fn, ok_detail)
 
     sealed = await step(
         "wrap",
@@ -165,18 +179,8 @@ async def _check_remote(report: Report, config: AgentConfig, *, with_keyset: boo
         )
         return report
 
-    async def step(name: str, fn: Callable[[], Awaitable[Any]], ok_detail: str) -> Any:
-        try:
-            with trio.fail_after(deadline):
-                result, millis = await _timed(fn)
-        except BackendError as exc:
-            report.steps.append(Step(name, False, exc.message, hint=exc.hint))
-            return None
-        except trio.TooSlowError:
-            report.steps.append(Step(name, False, f"no answer within {deadline:g}s"))
-            return None
-        report.steps.append(Step(name, True, ok_detail, millis))
-        return True if result is None else result
+    def step(name: str, fn: Callable[[], Awaitable[Any]], ok_detail: str) -> Awaitable[Any]:
+        return _step(report, deadline, name, fn, ok_detail)
 
     # A prefix no cluster uses, so no leader ever mistakes the probe for one of its keys.
     probe_prefix = f"{config.store.prefix}/backend-check"
@@ -208,10 +212,39 @@ async def _check_remote(report: Report, config: AgentConfig, *, with_keyset: boo
     return report
 
 
+async def _check_secret_store(report: Report, config: AgentConfig, *, with_keyset: bool) -> Report:
+    """Secret-store mode: add a probe version, read exactly it back, destroy it."""
+    from agent.factory import backend_deadline, build_store
+
+    try:
+        secrets = make_secret_store(config.backend.kind, config.backend.options)
+    except BackendError as exc:
+        report.steps.append(Step("configure", False, exc.message, hint=exc.hint))
+        return report
+    report.backend = secrets.describe()
+    deadline = backend_deadline(secrets)
+    probe = encode_value("keyquorum-probe", "ES256", os.urandom(32))
+
+    def step(name: str, fn: Callable[[], Awaitable[Any]], ok_detail: str) -> Awaitable[Any]:
+        return _step(report, deadline, name, fn, ok_detail)
+
+    ref = await step("add version", lambda: secrets.add_version(probe), "stored a probe version")
+    if ref is None:
+        return report
+    value = await step("read", lambda: secrets.read(ref), "read exactly that version back")
+    if value is not None and value != probe:
+        report.steps.append(Step("read", False, "the version read back differs from the probe"))
+    await step("destroy", lambda: secrets.destroy(ref), "destroyed the probe version")
+    await step("stable label", secrets.stable, "read the stable label")
+    if with_keyset:
+        await _check_keyset(report, config, secrets, build_store, deadline)
+    return report
+
+
 async def _check_keyset(
     report: Report,
     config: AgentConfig,
-    wrapper: KeyWrapper | RemoteSigner,
+    wrapper: KeyWrapper | RemoteSigner | SecretStore,
     build_store: Any,
     deadline: float,
 ) -> None:
@@ -241,6 +274,9 @@ async def _check_keyset(
                 started = time.perf_counter()
                 if isinstance(wrapper, RemoteSigner):
                     await RemoteKeySigner.load(wrapper, record.private, record.alg, record.jwk)
+                elif isinstance(wrapper, SecretStore):
+                    ref = secret_ref(record.private, wrapper.kind, record.kid)
+                    decode_value(await wrapper.read(ref), record.kid, record.alg)
                 else:
                     await open_sealed(
                         wrapper, record.private, kid=record.kid, prefix=config.store.prefix

@@ -24,6 +24,8 @@ from agent.timing import Timing, TimingError
 
 SUPPORTED_ALGORITHMS = frozenset({"ES256", "ES384", "EdDSA", "RS256", "PS256"})
 STORE_KINDS = ("file", "memory", "etcd")
+# Backend kinds that are secret stores (backends/registry.py SECRET_STORES); mode "secret".
+_SECRET_STORE_KINDS = frozenset({"aws-secrets", "gcp-secrets", "azure-secrets", "vault-kv"})
 _ETCD_OPTIONS = {"endpoints", "timeout", "username", "password", "ca_file", "cert_file", "key_file"}
 PERMISSIONS = ("sign", "jwt", "admin")
 DEFAULT_CONFIG = Path("/etc/keyquorum/agent.toml")
@@ -88,7 +90,8 @@ class BackendConfig:
     kind: str = "local"
     options: Mapping[str, Any] = field(default_factory=dict)
     # "wrap": private keys live (envelope-encrypted) in the key set; "remote": they never leave
-    # the KMS/HSM, which signs every request (DESIGN.md §8).
+    # the KMS/HSM, which signs every request; "secret": each is a version of a versioned secret
+    # (DESIGN.md §8).
     mode: str = "wrap"
 
 
@@ -437,11 +440,19 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str], base: Path) -> AgentC
     backend_kind = backend.pop("kind", "local")
     if not isinstance(backend_kind, str):
         raise ConfigError("backend.kind: must be a string")
-    backend_mode = backend.pop("mode", "wrap")
-    if backend_mode not in ("wrap", "remote"):
+    secret_kind = backend_kind in _SECRET_STORE_KINDS
+    backend_mode = backend.pop("mode", "secret" if secret_kind else "wrap")
+    if backend_mode not in ("wrap", "remote", "secret"):
         raise ConfigError(
-            f"backend.mode: {backend_mode!r} is not 'wrap' (keys sealed into the key set) or "
-            "'remote' (keys stay in the KMS/HSM, which signs)"
+            f"backend.mode: {backend_mode!r} is not 'wrap' (keys sealed into the key set), "
+            "'remote' (keys stay in the KMS/HSM, which signs) or 'secret' (keys kept in a "
+            "secret store)"
+        )
+    if secret_kind != (backend_mode == "secret"):
+        raise ConfigError(
+            f"backend.mode: {backend_mode!r} does not go with kind {backend_kind!r}: secret "
+            f"stores ({', '.join(sorted(_SECRET_STORE_KINDS))}) keep keys as secret versions, "
+            "the other kinds wrap or sign"
         )
     if backend_mode == "remote" and backend_kind == "local":
         raise ConfigError("backend.mode: the local backend can only wrap; use mode = 'wrap'")

@@ -41,17 +41,27 @@ from agent.policy import (
     CreateKey,
     MemberView,
     Plan,
+    PolicyRefusal,
     apply_plan_edits,
     evaluate,
+    rollback_to,
     rotate_now,
     signing_key,
 )
 from agent.policy import revoke as policy_revoke
 from agent.policy import rollback as policy_rollback
 from agent.systemd import Notifier
-from backends.base import BackendConfigError, BackendDenied, BackendError, KeyWrapper, RemoteSigner
+from backends.base import (
+    BackendConfigError,
+    BackendDenied,
+    BackendError,
+    KeyWrapper,
+    RemoteSigner,
+    SecretStore,
+)
 from backends.envelope import open_sealed, seal
 from backends.remote import RemoteKeySigner, is_remote, jwk_of_pem, remote_private, remote_ref
+from backends.secret_keys import decode_value, encode_value, is_secret, secret_private, secret_ref
 from consensus.election import Election
 from consensus.store import FencedOut, KeySetStore, StoreConflict, StoreError, Versioned
 
@@ -78,7 +88,7 @@ class Agent:
         self,
         config: AgentConfig,
         store: KeySetStore,
-        wrapper: KeyWrapper | RemoteSigner,
+        wrapper: KeyWrapper | RemoteSigner | SecretStore,
         *,
         clock: Callable[[], int] = wall_ms,
         backend_timeout: float = 10.0,
@@ -91,6 +101,9 @@ class Agent:
         # backend.mode = "remote": keys are created in and sign through the KMS/HSM.
         self.remote: RemoteSigner | None = wrapper if isinstance(wrapper, RemoteSigner) else None
         self._next_reconcile = 0
+        # backend.kind = a secret store: each key is a version of one versioned secret.
+        self.secrets: SecretStore | None = wrapper if isinstance(wrapper, SecretStore) else None
+        self._stable_ref: dict[str, str] | None = None  # last `stable` label we know of
         self.clock = clock
         self.backend_timeout = backend_timeout
         self.node_id = config.node_id
@@ -289,14 +302,29 @@ class Agent:
                 return await RemoteKeySigner.load(
                     self.remote, record.private, record.alg, record.jwk
                 )
-        if self.remote is not None:
+        if is_secret(record.private):
+            if self.secrets is None:
+                raise BackendDenied(
+                    f"key {record.kid} lives in the {record.private.get('store')!r} secret "
+                    "store but this agent is not configured with it",
+                    "set backend.kind to that secret store",
+                )
+            ref = secret_ref(record.private, self.secrets.kind, record.kid)
+            with trio.fail_after(self.backend_timeout):
+                value = await self.secrets.read(ref)
+            pkcs8 = decode_value(value, record.kid, record.alg)
+            signer = Signer.from_private_key(load_pkcs8(pkcs8, record.alg), record.alg)
+            if signer.kid != record.kid:
+                raise ValueError("the stored private key does not match the record's public key")
+            return signer
+        if self.remote is not None or self.secrets is not None:
             raise BackendDenied(
                 f"key {record.kid} is sealed into the key set but this agent is configured for "
-                "remote keys (backend.mode = 'remote')",
-                "set backend.mode = 'wrap' until the sealed keys have expired",
+                f"{'remote keys' if self.remote else 'a secret store'}",
+                "configure the wrapping backend until the sealed keys have expired",
             )
         wrapper = self.wrapper
-        assert not isinstance(wrapper, RemoteSigner)
+        assert isinstance(wrapper, KeyWrapper)
         with trio.fail_after(self.backend_timeout):
             pkcs8 = await open_sealed(
                 wrapper, record.private, kid=record.kid, prefix=self.config.store.prefix
@@ -382,6 +410,8 @@ class Agent:
                 backoff.reset()
                 if plan is not None and self.remote is not None:
                     await self._maybe_reconcile()
+                if plan is not None and self.secrets is not None:
+                    await self._maybe_mark_stable()
             except StoreConflict as exc:
                 self._absorb(exc.current)
                 delay = 0.0
@@ -394,6 +424,55 @@ class Agent:
             self._publish()
             with trio.move_on_after(delay):
                 await changed.wait()
+
+    async def _maybe_mark_stable(self) -> None:
+        """Label the signing key's secret version `stable` once it has signed for a whole grace
+        period on every member (the last known good key, which `rollback` returns to)."""
+        secrets = self.secrets
+        keyset = self.keyring.keyset
+        now = self.clock()
+        record = signing_key(keyset, now)
+        if secrets is None or record is None or not is_secret(record.private):
+            return
+        assert record.activate_at is not None
+        if now - record.activate_at < self.timing.grace_period:
+            return
+        ref = secret_ref(record.private, secrets.kind, record.kid)
+        try:
+            async with self._write_lock:
+                if not self._leading():
+                    return
+                with trio.fail_after(self.backend_timeout):
+                    if self._stable_ref is None:
+                        self._stable_ref = await secrets.stable()
+                    if self._stable_ref != ref:
+                        await secrets.set_stable(ref)
+                        self._stable_ref = ref
+                        log.info("labelled the secret version of %s stable", record.kid)
+            self._clear("stable")
+        except (BackendError, trio.TooSlowError) as exc:
+            self._stable_ref = None
+            self._problem("stable", f"cannot label the stable key's secret version: {exc}")
+
+    async def _destroy_secret_versions(self, dropped: list[KeyRecord]) -> None:
+        """Destroy the secret versions of keys that left the key set (best effort: a version
+        left behind is still protected by the store, and is reported)."""
+        secrets = self.secrets
+        if secrets is None:
+            return
+        for record in dropped:
+            if not is_secret(record.private):
+                continue
+            try:
+                with trio.fail_after(self.backend_timeout):
+                    await secrets.destroy(secret_ref(record.private, secrets.kind, record.kid))
+                log.info("destroyed the secret version of dropped key %s", record.kid)
+                self._clear(f"destroy:{record.kid}")
+            except (BackendError, trio.TooSlowError) as exc:
+                self._problem(
+                    f"destroy:{record.kid}",
+                    f"cannot destroy the secret version of dropped key {record.kid}: {exc}",
+                )
 
     async def _maybe_reconcile(self) -> None:
         """Retire unused remote keys now and then (they cost money and widen exposure)."""
@@ -514,7 +593,11 @@ class Agent:
             raise
         for signer in new_signers:
             self.keyring.add_signer(signer)
+        kept = {r.kid for r in keyset.keys}
+        dropped = [r for r in base.keys if r.kid not in kept]
         self._install(keyset, revision)
+        if dropped and self.secrets is not None:
+            await self._destroy_secret_versions(dropped)
         self.metrics.inc("keyquorum_keyset_writes_total")
         if new_signers:
             self.metrics.inc("keyquorum_keys_created_total", len(new_signers))
@@ -543,15 +626,21 @@ class Agent:
             else:
                 key, alg = origin_key
             signer = Signer.from_private_key(key, alg)
-            wrapper = self.wrapper
-            assert not isinstance(wrapper, RemoteSigner)
-            with trio.fail_after(self.backend_timeout):
-                private = await seal(
-                    wrapper,
-                    private_key_to_pkcs8(key),
-                    kid=signer.kid,
-                    prefix=self.config.store.prefix,
-                )
+            if self.secrets is not None:
+                value = encode_value(signer.kid, alg, private_key_to_pkcs8(key))
+                with trio.fail_after(self.backend_timeout):
+                    ref = await self.secrets.add_version(value)
+                private = secret_private(self.secrets.kind, ref)
+            else:
+                wrapper = self.wrapper
+                assert isinstance(wrapper, KeyWrapper)
+                with trio.fail_after(self.backend_timeout):
+                    private = await seal(
+                        wrapper,
+                        private_key_to_pkcs8(key),
+                        kid=signer.kid,
+                        prefix=self.config.store.prefix,
+                    )
         endorser = signing_key(self.keyring.keyset, now)
         endorsement = None
         if endorser is not None and endorser.kid in self.keyring.signers:
@@ -644,8 +733,30 @@ class Agent:
             self._require_writable()
             now = self.clock()
             keyset = self._require_keyset()
-            records = policy_rollback(keyset, now)
-            written = await self._commit(keyset, (), now, what="operator rollback", records=records)
+            what = "operator rollback"
+            if self.secrets is not None:
+                # Back to the version the secret store labels stable (the last known good key).
+                with trio.fail_after(self.backend_timeout):
+                    stable = await self.secrets.stable()
+                kid = next(
+                    (
+                        r.kid
+                        for r in keyset.keys
+                        if is_secret(r.private)
+                        and secret_ref(r.private, self.secrets.kind, r.kid) == stable
+                    ),
+                    None,
+                )
+                if kid is None:
+                    raise PolicyRefusal(
+                        "no key of the key set carries the secret store's stable label "
+                        f"({stable}); nothing to roll back to"
+                    )
+                records = rollback_to(keyset, kid, now)
+                what = f"operator rollback to the stable key {kid}"
+            else:
+                records = policy_rollback(keyset, now)
+            written = await self._commit(keyset, (), now, what=what, records=records)
         self.metrics.inc("keyquorum_admin_operations_total", op="rollback")
         return written
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from agent.config import AgentConfig, ConfigError
-from backends.base import KeyWrapper, RemoteSigner
-from backends.registry import make_key_wrapper, make_remote_signer
+from backends.base import KeyWrapper, RemoteSigner, SecretStore
+from backends.registry import make_key_wrapper, make_remote_signer, make_secret_store
 from consensus.election import Election
 from consensus.etcd import EtcdStore
 from consensus.etcd_client import EtcdClient
@@ -49,14 +49,17 @@ def build_election(config: AgentConfig) -> Election | None:
     )
 
 
-async def build_wrapper(config: AgentConfig) -> KeyWrapper | RemoteSigner:
-    """The key wrapper, or with backend.mode = "remote" the remote signer."""
+async def build_wrapper(config: AgentConfig) -> KeyWrapper | RemoteSigner | SecretStore:
+    """The key wrapper; with backend.mode = "remote" the remote signer; for a secret-store
+    kind the secret store."""
+    if config.backend.mode == "secret":
+        return make_secret_store(config.backend.kind, config.backend.options)
     if config.backend.mode == "remote":
         return make_remote_signer(config.backend.kind, config.backend.options)
     return make_key_wrapper(config.backend.kind, config.backend.options)
 
 
-def backend_deadline(wrapper: KeyWrapper | RemoteSigner) -> float:
+def backend_deadline(wrapper: KeyWrapper | RemoteSigner | SecretStore) -> float:
     """The agent's outer deadline for one backend operation: a safety net a little past the
     wrapper's own deadline (its retries end first and say why)."""
     policy = getattr(wrapper, "policy", None)

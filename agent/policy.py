@@ -347,6 +347,35 @@ def rollback(keyset: KeySet, now: int) -> tuple[KeyRecord, ...]:
     )
 
 
+def rollback_to(keyset: KeySet, kid: str, now: int) -> tuple[KeyRecord, ...]:
+    """Make `kid` (the key a secret store labels stable) sign again: every key activated after
+    it is retired (still published, so what it signed still verifies)."""
+    target = keyset.get(kid)
+    if target is None:
+        raise PolicyRefusal(f"the stable key {kid} is no longer in the key set")
+    if (
+        target.withdrawn is not None
+        or target.activate_at is None
+        or not target.activate_at <= now < target.deactivate_at
+    ):
+        raise PolicyRefusal(
+            f"the stable key {kid} can no longer sign (withdrawn, never activated, or past its "
+            "deactivation)"
+        )
+    current = signing_key(keyset, now)
+    if current is None or current.kid == kid:
+        raise PolicyRefusal(f"the stable key {kid} is already the signing key")
+    newer = {
+        r.kid
+        for r in keyset.keys
+        if r.withdrawn is None
+        and r.activate_at is not None
+        and r.activate_at <= now
+        and _activation_order(r) > _activation_order(target)
+    }
+    return tuple(with_withdrawal(r, "retired", now) if r.kid in newer else r for r in keyset.keys)
+
+
 def revoke(keyset: KeySet, kid: str, now: int) -> tuple[tuple[KeyRecord, ...], bool]:
     """Withdraw `kid` at once. Returns the records and whether a replacement key must be created
     and activated immediately (the revoked key was signing and no successor was waiting)."""

@@ -117,3 +117,39 @@ class RemoteSigner(Protocol):
         ...
 
     def describe(self) -> str: ...
+
+
+@runtime_checkable
+class SecretStore(Protocol):
+    """Keeps each private key as a version of one versioned secret per cluster (the GoatDB
+    design): the key set holds only the version's reference; a `stable` label marks the last
+    version known good, which `keyquorum rollback` goes back to.
+
+    `name` is the secret's name (from the config); values are opaque bytes (the agent stores a
+    small JSON document with the kid, alg and PKCS#8 key). All calls raise only BackendError.
+    """
+
+    @property
+    def kind(self) -> str: ...
+
+    async def add_version(self, value: bytes) -> dict[str, str]:
+        """Store `value` as a new version (creating the secret on first use); its reference."""
+        ...
+
+    async def read(self, ref: Mapping[str, str]) -> bytes:
+        """The value of exactly the version `ref` names (never "the latest")."""
+        ...
+
+    async def set_stable(self, ref: Mapping[str, str]) -> None:
+        """Move the `stable` label to the version `ref` (off any other version)."""
+        ...
+
+    async def stable(self) -> dict[str, str] | None:
+        """The reference of the version labelled `stable`, or None if none is."""
+        ...
+
+    async def destroy(self, ref: Mapping[str, str]) -> None:
+        """Destroy / disable the version (its key left the key set); idempotent."""
+        ...
+
+    def describe(self) -> str: ...

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import BackendConfigError, KeyWrapper, RemoteSigner
+from backends.base import BackendConfigError, KeyWrapper, RemoteSigner, SecretStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,18 @@ KEY_WRAPPERS: dict[str, Provider] = {
 REMOTE_SIGNERS: dict[str, Provider] = {
     "aws-kms": Provider("backends.aws", "aws"),
     "vault-transit": Provider("backends.vault"),
+    "gcp-kms": Provider("backends.gcp", "gcp"),
+    "azure-keyvault": Provider("backends.azure", "azure"),
+    "pkcs11": Provider("backends.pkcs11", "pkcs11"),
+}
+
+# Secret stores (backend.mode = "secret", implied by these kinds); each module exposes
+# `build_secret_store(options) -> SecretStore`.
+SECRET_STORES: dict[str, Provider] = {
+    "aws-secrets": Provider("backends.aws_secrets", "aws"),
+    "gcp-secrets": Provider("backends.gcp_secrets", "gcp"),
+    "azure-secrets": Provider("backends.azure_secrets", "azure"),
+    "vault-kv": Provider("backends.vault_kv"),
 }
 
 
@@ -67,6 +79,15 @@ def make_key_wrapper(kind: str, options: Mapping[str, Any]) -> KeyWrapper:
     if not isinstance(wrapper, KeyWrapper):  # pragma: no cover - a provider module bug
         raise TypeError(f"{module.__name__}.build returned {type(wrapper).__name__}")
     return wrapper
+
+
+def make_secret_store(kind: str, options: Mapping[str, Any]) -> SecretStore:
+    """Build the secret store a `*-secrets` / `vault-kv` kind names, or BackendConfigError."""
+    module = _provider_module(SECRET_STORES, kind, "secret store")
+    store = module.build_secret_store(options)
+    if not isinstance(store, SecretStore):  # pragma: no cover - a provider module bug
+        raise TypeError(f"{module.__name__}.build_secret_store returned {type(store).__name__}")
+    return store
 
 
 def make_remote_signer(kind: str, options: Mapping[str, Any]) -> RemoteSigner:

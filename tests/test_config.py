@@ -276,6 +276,8 @@ def test_jwt_issuer_and_audience_are_carried(tmp_path: Path) -> None:
         ("[backend]\nkind = 3\n", "backend.kind"),
         ('[backend]\nkind = "aws-kms"\nmode = "sign"\n', "backend.mode: 'sign' is not"),
         ('[backend]\nmode = "remote"\n', "backend.mode: the local backend can only wrap"),
+        ('[backend]\nkind = "vault-kv"\nmode = "wrap"\n', "backend.mode: 'wrap' does not go"),
+        ('[backend]\nkind = "aws-kms"\nmode = "secret"\n', "backend.mode: 'secret' does not go"),
         ('node_id = "has space"\n', "node_id"),
         ('cluster = ""\n', "cluster"),
         ('log_level = "verbose"\n', "log_level"),
@@ -564,3 +566,15 @@ def test_the_example_config_mentions_every_setting() -> None:
     ]
     missing = [name for name in names if name not in text]
     assert missing == []
+
+
+def test_the_secret_store_kinds_are_the_registry_s() -> None:
+    from agent.config import _SECRET_STORE_KINDS
+    from backends.registry import SECRET_STORES
+
+    assert set(SECRET_STORES) == _SECRET_STORE_KINDS
+
+
+def test_secret_store_kinds_imply_secret_mode(tmp_path: Path) -> None:
+    config = load(tmp_path, '[backend]\nkind = "vault-kv"\naddress = "http://127.0.0.1:1"\n')
+    assert config.backend.mode == "secret"

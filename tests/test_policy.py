@@ -23,6 +23,7 @@ from agent.policy import (
     published_keys,
     revoke,
     rollback,
+    rollback_to,
     rotate_now,
     signing_key,
 )
@@ -316,6 +317,37 @@ def test_rollback_refuses_when_there_is_no_earlier_key() -> None:
     assert leader.keyset is not None
     with pytest.raises(PolicyRefusal, match="no earlier key"):
         rollback(leader.keyset, T0 + SECOND)
+
+
+def three_active_keys() -> KeySet:
+    """k1, k2, k3 activated at 0, 10 s, 20 s, all signing-eligible until 100 s."""
+    return KeySet(
+        keys=tuple(
+            fake_record(kid, CreateKey(at, at, 100 * SECOND, 120 * SECOND, "test"))
+            for kid, at in (("k1", 0), ("k2", 10 * SECOND), ("k3", 20 * SECOND))
+        )
+    )
+
+
+def test_rollback_to_the_stable_key_retires_every_newer_key_unlike_plain_rollback() -> None:
+    keyset, now = three_active_keys(), 25 * SECOND
+    assert signing_key(keyset, now).kid == "k3"  # type: ignore[union-attr]
+    back = KeySet(keys=rollback_to(keyset, "k1", now))
+    assert signing_key(back, now).kid == "k1"  # type: ignore[union-attr]
+    assert {r.kid for r in back.keys if r.withdrawn == "retired"} == {"k2", "k3"}
+    assert {r.kid for r in published_keys(back, now)} == {"k1", "k2", "k3"}
+    plain = KeySet(keys=rollback(keyset, now))
+    assert signing_key(plain, now).kid == "k2"  # type: ignore[union-attr]
+
+
+def test_rollback_to_refuses_a_stable_key_that_cannot_sign_or_already_does() -> None:
+    keyset = three_active_keys()
+    with pytest.raises(PolicyRefusal, match="already the signing key"):
+        rollback_to(keyset, "k3", 25 * SECOND)
+    with pytest.raises(PolicyRefusal, match="can no longer sign"):
+        rollback_to(keyset, "k1", 100 * SECOND)
+    with pytest.raises(PolicyRefusal, match="no longer in the key set"):
+        rollback_to(keyset, "k9", 25 * SECOND)
 
 
 def test_revoking_the_signing_key_activates_the_pending_successor_at_once() -> None:
