@@ -35,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(args)
     if args.command == "backend":
         return _backend(args)
+    if args.command == "config":
+        return _config(args)
     socket_path = Path(args.socket) if args.socket else default_socket_path()
     try:
         with Client(socket_path) as client:
@@ -87,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--kill-leader", action="store_true", help="kill -9 the leader part-way through"
     )
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    config_check = config_sub.add_parser(
+        "check", help="validate the configuration, print it and its timing budget"
+    )
+    config_check.add_argument("--config", type=Path, help="agent.toml (default: as for run)")
+    config_check.add_argument("--json", action="store_true", help="print it as JSON")
 
     backend = sub.add_parser("backend", help="key-protection backend tools")
     backend_sub = backend.add_subparsers(dest="backend_command", required=True)
@@ -183,6 +193,22 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    """`keyquorum config check`: exit 0 and print the configuration, or 2 naming the mistake."""
+    from agent.config_check import budget, effective, render
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"keyquorum: configuration error: {exc}", file=sys.stderr)
+        return 2
+    source = str(args.config) if args.config else "defaults and KEYQUORUM_* environment"
+    if args.json:
+        return _print_json({"config": effective(config), "budget": budget(config)})
+    print(render(config, source))
     return 0
 
 

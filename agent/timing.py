@@ -104,3 +104,16 @@ class Timing:
     def sign_window(self) -> int:
         """How long after creation a key may sign (its deactivation offset)."""
         return self.key_ttl - self.max_token_ttl - self.max_clock_skew
+
+    def ride_through(self) -> int:
+        """The longest etcd or backend outage during which no signature fails, worst case (it
+        begins just as a rotation is due): the old key still signs for rotation_threshold -
+        max_token_ttl - max_clock_skew, of which the successor needs a grace period to become
+        active and the leader up to one check interval to notice. Always > outage_budget."""
+        return (
+            self.rotation_threshold
+            - self.grace_period
+            - self.max_token_ttl
+            - self.check_interval
+            - self.max_clock_skew
+        )
