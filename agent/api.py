@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import trio
+
 from agent.crypto import (
     ALGORITHMS,
     b64url_decode,
@@ -29,6 +31,7 @@ from backends.base import BackendError
 from consensus.store import StoreError
 
 T = TypeVar("T")
+STARTUP_WAIT = 10.0  # seconds a request made during start-up waits for the first key
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
@@ -81,7 +84,7 @@ class Api:
         body = _json_object(request, allowed={"payload", "payloads"})
         if ("payload" in body) == ("payloads" in body):
             raise ApiError(400, "bad_request", "give exactly one of 'payload' or 'payloads'")
-        signer = self._signer()
+        signer = await self._signer()
         if "payload" in body:
             payload = _b64_field(body["payload"], "payload")
             signature = await _remote_guard(signer.sign_async(payload))
@@ -145,7 +148,7 @@ class Api:
             claims["iss"] = issuer
         if config.jwt.audience is not None:
             claims.setdefault("aud", config.jwt.audience)
-        signer = self._signer()
+        signer = await self._signer()
         token = await _remote_guard(encode_jwt_async(signer, {**claims, "iat": iat, "exp": exp}))
         self.agent.metrics.inc("keyquorum_jwts_total", kid=signer.kid)
         return json_response({"token": token, "kid": signer.kid, "expires_at": exp})
@@ -229,11 +232,20 @@ class Api:
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    def _signer(self) -> Any:
+    async def _signer(self) -> Any:
+        """The current signer. While the agent is still starting (never ready yet, no problem
+        known: say, requests queued on a socket systemd held open across a restart), wait for
+        its first key a little instead of failing at once."""
+        agent = self.agent
+        if not agent.ready.is_set() and not agent.problems:
+            with trio.move_on_after(STARTUP_WAIT):
+                while not agent.ready.is_set() and not agent.problems:
+                    with trio.move_on_after(0.1):
+                        await agent.ready.wait()
         try:
-            return self.agent.keyring.current(self.agent.clock())
+            return agent.keyring.current(agent.clock())
         except NotReady as exc:
-            self.agent.metrics.inc("keyquorum_sign_unavailable_total")
+            agent.metrics.inc("keyquorum_sign_unavailable_total")
             raise ApiError(503, "not_ready", f"cannot sign now: {exc}") from None
 
     def _allow(self, request: Request, permission: str) -> None:

@@ -131,10 +131,15 @@ class Agent:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         from agent.api import Api
         from agent.httpd import UnixHttpServer
+        from agent.systemd import listen_sockets
 
+        inherited = listen_sockets()
+        if inherited:
+            log.info("serving the socket(s) systemd passed: %s", ", ".join(sorted(inherited)))
         server = UnixHttpServer(
             Api(self).handle,
             self.config.socket.path,
+            inherited=inherited.get("api"),
             mode=self.config.socket.mode,
             gid=_group_id(self.config.socket.group),
             max_body_bytes=self.config.socket.max_request_bytes,

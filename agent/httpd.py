@@ -113,8 +113,12 @@ class UnixHttpServer:
         max_header_bytes: int = 16 << 10,
         idle_timeout: float = 60.0,
         drain_timeout: float = 10.0,
+        inherited: socket.socket | None = None,
     ) -> None:
+        """`inherited`: a listening socket passed by systemd socket activation; it is used as
+        is (systemd owns its path, mode and group, and keeps it across agent restarts)."""
         self.handler = handler
+        self.inherited = inherited
         self.path = Path(path)
         self.mode = mode
         self.gid = gid
@@ -177,7 +181,12 @@ class UnixHttpServer:
     # ---- serving -----------------------------------------------------------------------------
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        lock_fd, raw = self._acquire()
+        if self.inherited is not None:
+            lock_fd, raw = -1, self.inherited
+            if raw.family != socket.AF_UNIX or raw.type != socket.SOCK_STREAM:
+                raise ValueError("the socket passed by systemd is not a Unix stream socket")
+        else:
+            lock_fd, raw = self._acquire()
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
         try:
             async with trio.open_nursery() as connections:
@@ -187,8 +196,9 @@ class UnixHttpServer:
                     await self._stopping.wait()
                     accepting.cancel_scope.cancel()
                 await listener.aclose()
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()  # refuse new connections at once
+                if self.inherited is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()  # refuse new connections at once
                 with trio.move_on_after(self.drain_timeout):
                     while self._busy:
                         await self._wait_idle_change()
@@ -196,7 +206,8 @@ class UnixHttpServer:
         finally:
             with contextlib.suppress(trio.ClosedResourceError, OSError):
                 await trio.aclose_forcefully(listener)
-            self._release(lock_fd)
+            if lock_fd >= 0:
+                self._release(lock_fd)
 
     def shutdown(self) -> None:
         self._stopping.set()

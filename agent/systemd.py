@@ -4,7 +4,9 @@ When systemd starts the agent with `Type=notify` it sets NOTIFY_SOCKET (a path, 
 socket when it starts with '@') and, with `WatchdogSec=`, WATCHDOG_USEC. The agent sends
 `READY=1` once it can sign, `STATUS=...` lines as its health changes, `WATCHDOG=1` from a trio task
 (so a wedged event loop stops the pings and systemd restarts it), and `STOPPING=1` on shutdown.
-Outside systemd every call is a no-op.
+Outside systemd every call is a no-op. `listen_sockets` takes the listening sockets systemd
+passes with socket activation (keyquorum.socket), so the socket exists before the agent starts
+and survives its restarts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 
 class Notifier:
@@ -56,3 +58,35 @@ class Notifier:
 
     def stopping(self, status: str = "draining in-flight requests") -> None:
         self.send("STOPPING=1", f"STATUS={status}")
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_sockets(env: MutableMapping[str, str] | None = None) -> dict[str, socket.socket]:
+    """Sockets passed by systemd socket activation (sd_listen_fds), by FileDescriptorName.
+
+    Only when LISTEN_PID is this process (the variables are inherited by children otherwise).
+    The variables are removed afterwards, as sd_listen_fds(unset_environment=1) does, so nothing
+    this process starts mistakes the descriptors for its own. Unnamed descriptors are called
+    "api" (the first) and "fd<N>".
+    """
+    environ = os.environ if env is None else env
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    names = [n for n in environ.get("LISTEN_FDNAMES", "").split(":") if n]
+    for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(variable, None)
+    sockets: dict[str, socket.socket] = {}
+    for i in range(count):
+        fd = SD_LISTEN_FDS_START + i
+        named = i < len(names) and names[i] != "unknown"
+        name = names[i] if named else ("api" if i == 0 else f"fd{fd}")
+        sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        sockets[name] = sock
+    return sockets

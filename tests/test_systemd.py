@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import QUIET_KEYS, write_config
 
-from agent.systemd import Notifier
+from agent.client import Client
+from agent.systemd import Notifier, listen_sockets
 
 pytestmark = pytest.mark.slow
 
@@ -87,5 +89,96 @@ def test_the_service_unit_is_type_notify_with_a_watchdog_and_hardening() -> None
         "CapabilityBoundingSet=",
         "StateDirectory=keyquorum",
         "RuntimeDirectory=keyquorum",
+        "RuntimeDirectoryPreserve=yes",
     ):
         assert line in unit, line
+
+
+UNITS = Path(__file__).parent.parent / "deploy" / "systemd"
+
+
+def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    keyquorum = Path(sys.executable).with_name("keyquorum")
+    for name in ("keyquorum.service", "keyquorum.socket"):
+        text = (UNITS / name).read_text().replace("/usr/local/bin/keyquorum", str(keyquorum))
+        (tmp_path / name).write_text(text)
+    result = subprocess.run(
+        [
+            analyze,
+            "verify",
+            str(tmp_path / "keyquorum.socket"),
+            str(tmp_path / "keyquorum.service"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+    assert "keyquorum" not in result.stderr, result.stderr
+
+
+def test_socket_activation_serves_the_socket_systemd_passes_and_leaves_it_there(
+    short_tmp: Path,
+) -> None:
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate is not installed (Debian package systemd)")
+    config = write_config(short_tmp, keys=QUIET_KEYS)
+    socket_path = short_tmp / "agent.sock"
+    process = subprocess.Popen(
+        [
+            activate,
+            "-l",
+            str(socket_path),
+            "--fdname=api",
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():  # the activator binds it before any agent runs
+            assert time.monotonic() < deadline, "the activator did not listen"
+            time.sleep(0.05)
+        # The first connection starts the agent; the request waits for its first key.
+        with Client(socket_path, timeout=20) as client:
+            assert client.sign(b"activated").signature
+            status = client.status()
+        assert status["health"]["status"] == "ok"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        output = process.stdout.read().decode() if process.stdout else ""
+        assert "serving the socket(s) systemd passed: api" in output
+        # systemd owns the socket: the agent neither unlinked it nor made its own lock file.
+        assert socket_path.exists()
+        assert not (short_tmp / "agent.sock.lock").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
+def test_listen_sockets_takes_only_what_systemd_passed_to_this_process() -> None:
+    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1"}
+    assert listen_sockets(env) == {}
+    assert env["LISTEN_FDS"] == "1"  # not ours: left alone for the process it belongs to
+    a, b = socket.socketpair()
+    try:
+        env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "0", "LISTEN_FDNAMES": ""}
+        assert listen_sockets(env) == {}
+        assert "LISTEN_PID" not in env and "LISTEN_FDS" not in env  # unset, like sd_listen_fds
+    finally:
+        a.close()
+        b.close()
