@@ -96,6 +96,17 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class JwksListenConfig:
+    """The optional TCP listener for remote verifiers (JWKS and discovery only)."""
+
+    host: str
+    port: int
+    cert_file: Path | None = None  # with key_file: HTTPS
+    key_file: Path | None = None
+    public_url: str | None = None  # how verifiers reach it (discovery's jwks_uri)
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     node_id: str
     cluster: str
@@ -107,6 +118,7 @@ class AgentConfig:
     store: StoreConfig
     backend: BackendConfig
     log_level: str = "info"
+    jwks: JwksListenConfig | None = None
 
 
 # ---- durations ----------------------------------------------------------------------------------
@@ -189,6 +201,7 @@ _TOP = {
     "jwt",
     "store",
     "backend",
+    "jwks",
 }
 _TIMING_FIELDS = frozenset(f.name for f in dataclasses.fields(Timing))
 _SECTIONS: dict[str, set[str]] = {
@@ -196,6 +209,7 @@ _SECTIONS: dict[str, set[str]] = {
     "keys": {"algorithm", *_TIMING_FIELDS},
     "jwt": {"issuer", "default_ttl", "audience"},
     "access": set(PERMISSIONS),
+    "jwks": {"listen", "cert_file", "key_file", "public_url"},
 }
 _RULE_KEYS = {"users", "uids", "groups", "gids"}
 
@@ -305,6 +319,31 @@ def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
                 f"{name}.{sorted(unknown)[0]}: unknown setting; known: {', '.join(sorted(allowed))}"
             )
     return dict(value)
+
+
+def _jwks(raw: Mapping[str, Any], base: Path) -> JwksListenConfig | None:
+    section = _section(raw, "jwks")
+    if "listen" not in section:
+        if section:
+            raise ConfigError("jwks.listen: required to serve the JWKS over TCP (host:port)")
+        return None
+    listen = section["listen"]
+    host, sep, port_text = str(listen).rpartition(":") if isinstance(listen, str) else ("", "", "")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(
+            f'jwks.listen: {listen!r} is not host:port (e.g. "127.0.0.1:8443" or "[::]:8443")'
+        )
+    cert = _path(section["cert_file"], "jwks.cert_file", base) if "cert_file" in section else None
+    key = _path(section["key_file"], "jwks.key_file", base) if "key_file" in section else None
+    if (cert is None) != (key is None):
+        raise ConfigError("jwks.cert_file and jwks.key_file go together (HTTPS)")
+    public_url = section.get("public_url")
+    if public_url is not None and (
+        not isinstance(public_url, str) or not public_url.startswith(("http://", "https://"))
+    ):
+        raise ConfigError("jwks.public_url: must be an http(s) URL")
+    return JwksListenConfig(host, int(port_text), cert, key, public_url)
 
 
 def _path(value: object, setting: str, base: Path) -> Path:
@@ -466,6 +505,7 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str], base: Path) -> AgentC
     backend_config = BackendConfig(kind=backend_kind, options=backend, mode=backend_mode)
 
     return AgentConfig(
+        jwks=_jwks(raw, base),
         node_id=node_id,
         cluster=cluster,
         state_dir=state_dir,

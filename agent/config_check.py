@@ -82,7 +82,20 @@ def effective(config: AgentConfig) -> dict[str, Any]:
             "mode": config.backend.mode,
             **_redacted(config.backend.options),
         },
+        **({"jwks": _jwks(config)} if config.jwks else {}),
     }
+
+
+def _jwks(config: AgentConfig) -> dict[str, Any]:
+    jwks = config.jwks
+    assert jwks is not None
+    host = f"[{jwks.host}]" if ":" in jwks.host else jwks.host
+    out: dict[str, Any] = {"listen": f"{host}:{jwks.port}"}
+    if jwks.cert_file and jwks.key_file:
+        out["cert_file"], out["key_file"] = str(jwks.cert_file), str(jwks.key_file)
+    if jwks.public_url:
+        out["public_url"] = jwks.public_url
+    return out
 
 
 def budget(config: AgentConfig) -> dict[str, str]:

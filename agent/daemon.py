@@ -123,6 +123,7 @@ class Agent:
         self.election = election
         self._member_reports: dict[str, dict[str, Any]] = {}
         self.notifier = Notifier()
+        self.jwks_listener: Any = None  # agent.jwks_http.JwksListener when [jwks] listen is set
         # Chaos tests only (KEYQUORUM_FAULT_COMMIT_DELAY): seconds between deciding and writing.
         self.fault_commit_delay = float(os.environ.get("KEYQUORUM_FAULT_COMMIT_DELAY", "0") or 0)
 
@@ -155,6 +156,11 @@ class Agent:
                 nursery.start_soon(self._loader_loop)
                 nursery.start_soon(self._leader_loop)
                 nursery.start_soon(self._systemd_loop)
+                if self.config.jwks is not None:
+                    from agent.jwks_http import JwksListener
+
+                    self.jwks_listener = JwksListener(self, self.config.jwks)
+                    await nursery.start(self.jwks_listener.serve)
                 await server.serve(task_status=task_status)
                 if self.election is not None:
                     await self.election.resign()
