@@ -25,7 +25,14 @@ from agent.crypto import (
 )
 from agent.httpd import ApiError, Request, Response, json_response
 from agent.keyring import NotReady
-from agent.policy import KeyState, PolicyRefusal, jwks_max_age, key_state, published_keys
+from agent.policy import (
+    KeyState,
+    PolicyRefusal,
+    jwks_max_age,
+    key_state,
+    published_keys,
+    signing_key,
+)
 from agent.timing import SECOND
 from backends.base import BackendError
 from consensus.store import StoreError
@@ -87,8 +94,9 @@ class Api:
         signer = await self._signer()
         if "payload" in body:
             payload = _b64_field(body["payload"], "payload")
-            signature = await _remote_guard(signer.sign_async(payload))
-            self.agent.metrics.inc("keyquorum_signatures_total", kid=signer.kid)
+            with self.agent.metrics.timed("keyquorum_sign_seconds", alg=signer.alg):
+                signature = await _remote_guard(signer.sign_async(payload))
+            self.agent.metrics.inc("keyquorum_signatures_total", alg=signer.alg, kid=signer.kid)
             return json_response(
                 {"kid": signer.kid, "alg": signer.alg, "signature": b64url_encode(signature)}
             )
@@ -104,7 +112,9 @@ class Api:
             )
         data = [_b64_field(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
         signatures = [b64url_encode(await _remote_guard(signer.sign_async(d))) for d in data]
-        self.agent.metrics.inc("keyquorum_signatures_total", len(data), kid=signer.kid)
+        self.agent.metrics.inc(
+            "keyquorum_signatures_total", len(data), alg=signer.alg, kid=signer.kid
+        )
         return json_response({"kid": signer.kid, "alg": signer.alg, "signatures": signatures})
 
     async def jwt(self, request: Request) -> Response:
@@ -348,33 +358,57 @@ def status_document(agent: Agent) -> dict[str, Any]:
 
 
 def render_metrics(agent: Agent) -> str:
+    """The Prometheus page: the agent's counters and histograms, and gauges read off its state."""
     now = agent.clock()
     keyset = agent.keyring.keyset
-    lines: list[str] = []
-    for (name, labels), value in sorted(agent.metrics.counters.items()):
-        lines.append(f"{name}{_labels(labels)} {value:g}")
+    gauges: list[tuple[str, Mapping[str, str], float, str]] = []
+
+    def gauge(name: str, value: float, text: str, **labels: str) -> None:
+        gauges.append((name, labels, value, text))
+
     counts: dict[str, int] = {s.value: 0 for s in KeyState}
     for record in keyset.keys if keyset else ():
         counts[key_state(keyset, record, now).value] += 1  # type: ignore[arg-type]
     for state_name, count in counts.items():
-        lines.append(f'keyquorum_keys{{state="{state_name}"}} {count}')
+        gauge("keyquorum_keys", count, "Keys in the key set by state.", state=state_name)
     state, _ = agent.health()
-    lines.append(f"keyquorum_can_sign {0 if state == 'unavailable' else 1}")
-    lines.append(f"keyquorum_degraded {1 if state == 'degraded' else 0}")
-    lines.append(f"keyquorum_is_leader {1 if agent.role()[0] == 'leader' else 0}")
-    lines.append(f"keyquorum_keyset_generation {keyset.generation if keyset else 0}")
-    lines.append(f"keyquorum_keys_loaded {len(agent.keyring.signers)}")
+    gauge("keyquorum_can_sign", 0 if state == "unavailable" else 1, "1 if this node can sign.")
+    gauge("keyquorum_degraded", 1 if state == "degraded" else 0, "1 if degraded (see status).")
+    role, _, term = agent.role()
+    gauge("keyquorum_is_leader", 1 if role == "leader" else 0, "1 if this node leads.")
+    gauge("keyquorum_term", float(term or 0), "The leader's term (etcd create revision).")
+    gauge("keyquorum_keyset_generation", keyset.generation if keyset else 0, "Key-set generation.")
+    gauge("keyquorum_keys_loaded", len(agent.keyring.signers), "Keys unwrapped on this node.")
+    signing = signing_key(keyset, now)
+    if signing is not None:
+        gauge(
+            "keyquorum_signing_key_age_seconds",
+            (now - signing.created_at) / 1000,
+            "Age of the key that signs now.",
+            kid=signing.kid,
+        )
+    pending = [
+        r.activate_at
+        for r in (keyset.keys if keyset else ())
+        if r.activate_at is not None and r.activate_at > now and r.withdrawn is None
+    ]
+    if pending:
+        gauge(
+            "keyquorum_next_activation_seconds",
+            (min(pending) - now) / 1000,
+            "Seconds until the next key activates.",
+        )
+    expiries = [r.expires_at for r in (keyset.keys if keyset else ()) if r.expires_at > now]
+    if expiries:
+        gauge(
+            "keyquorum_next_expiry_seconds",
+            (min(expiries) - now) / 1000,
+            "Seconds until the next key leaves the JWKS.",
+        )
     server = getattr(agent, "server", None)
     if server is not None:
-        lines.append(f"keyquorum_connections_active {server.connections_active}")
-    return "\n".join(lines) + "\n"
-
-
-def _labels(labels: tuple[tuple[str, str], ...] | Mapping[str, str]) -> str:
-    items = labels.items() if isinstance(labels, Mapping) else labels
-    if not items:
-        return ""
-    return "{" + ",".join(f'{k}="{v}"' for k, v in items) + "}"
+        gauge("keyquorum_connections_active", server.connections_active, "Open socket clients.")
+    return agent.metrics.render(gauges)
 
 
 async def _remote_guard(signing: Awaitable[T]) -> T:

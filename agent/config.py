@@ -104,6 +104,7 @@ class JwksListenConfig:
     cert_file: Path | None = None  # with key_file: HTTPS
     key_file: Path | None = None
     public_url: str | None = None  # how verifiers reach it (discovery's jwks_uri)
+    metrics: bool = False  # also serve /metrics (Prometheus) on this listener
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +210,7 @@ _SECTIONS: dict[str, set[str]] = {
     "keys": {"algorithm", *_TIMING_FIELDS},
     "jwt": {"issuer", "default_ttl", "audience"},
     "access": set(PERMISSIONS),
-    "jwks": {"listen", "cert_file", "key_file", "public_url"},
+    "jwks": {"listen", "cert_file", "key_file", "public_url", "metrics"},
 }
 _RULE_KEYS = {"users", "uids", "groups", "gids"}
 
@@ -343,7 +344,10 @@ def _jwks(raw: Mapping[str, Any], base: Path) -> JwksListenConfig | None:
         not isinstance(public_url, str) or not public_url.startswith(("http://", "https://"))
     ):
         raise ConfigError("jwks.public_url: must be an http(s) URL")
-    return JwksListenConfig(host, int(port_text), cert, key, public_url)
+    metrics = section.get("metrics", False)
+    if not isinstance(metrics, bool):
+        raise ConfigError("jwks.metrics: must be true or false")
+    return JwksListenConfig(host, int(port_text), cert, key, public_url, metrics)
 
 
 def _path(value: object, setting: str, base: Path) -> Path:

@@ -95,6 +95,7 @@ def _jwks(config: AgentConfig) -> dict[str, Any]:
         out["cert_file"], out["key_file"] = str(jwks.cert_file), str(jwks.key_file)
     if jwks.public_url:
         out["public_url"] = jwks.public_url
+    out["metrics"] = jwks.metrics
     return out
 
 

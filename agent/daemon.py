@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -36,6 +35,7 @@ from agent.crypto import (
 )
 from agent.keyring import Keyring, NotReady
 from agent.keyset import KeyRecord, KeySet, KeySetInvalid, dump_keyset, parse_keyset
+from agent.metrics import Metrics
 from agent.policy import (
     Action,
     CreateKey,
@@ -70,17 +70,6 @@ log = logging.getLogger("keyquorum.agent")
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-@dataclass
-class Metrics:
-    """Counters and gauges rendered as Prometheus text by the API."""
-
-    counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
-
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        self.counters[key] = self.counters.get(key, 0.0) + amount
 
 
 class Agent:
@@ -278,8 +267,10 @@ class Agent:
             loaded_any = False
             for record in self.keyring.missing(self.clock()):
                 try:
-                    signer = await self._unwrap(record)
+                    with self.metrics.timed("keyquorum_backend_seconds", op="unwrap"):
+                        signer = await self._unwrap(record)
                 except (BackendError, ValueError, trio.TooSlowError) as exc:
+                    self.metrics.inc("keyquorum_backend_errors_total", op="unwrap")
                     failures += 1
                     self._problem(f"load:{record.kid}", f"cannot unwrap key {record.kid}: {exc}")
                     self.metrics.inc("keyquorum_unwrap_errors_total")
@@ -580,7 +571,12 @@ class Agent:
         new_signers: list[SigningKey] = []
         for action in actions:
             if isinstance(action, CreateKey):
-                record, signer = await self._create_key(action, now, origin_key)
+                try:
+                    with self.metrics.timed("keyquorum_backend_seconds", op="create"):
+                        record, signer = await self._create_key(action, now, origin_key)
+                except (BackendError, trio.TooSlowError):
+                    self.metrics.inc("keyquorum_backend_errors_total", op="create")
+                    raise
                 out.append(record)
                 new_signers.append(signer)
         keyset = base.evolve(out, at=now, by=self.node_id, what=what)
@@ -594,7 +590,8 @@ class Agent:
             )
             await trio.sleep(self.fault_commit_delay)
         try:
-            revision = await self.store.compare_and_swap(expected, dump_keyset(keyset))
+            with self.metrics.timed("keyquorum_store_seconds", op="compare_and_swap"):
+                revision = await self.store.compare_and_swap(expected, dump_keyset(keyset))
         except FencedOut as exc:
             # Our term is over (DESIGN.md §9.3): stop all leader work at once.
             self.metrics.inc("keyquorum_fenced_writes_total")

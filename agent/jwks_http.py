@@ -9,8 +9,9 @@ read-only HTTP(S) endpoint (HTTPS with `cert_file`/`key_file`):
 - `GET /.well-known/openid-configuration`: `issuer`, `jwks_uri` and the signing algorithm, so
   OIDC libraries can find the keys from the issuer alone.
 
-It never signs and never shows anything but public keys, so it needs no authentication; it
-reads the agent's in-memory key set and makes no store or backend call.
+With `metrics = true` it also serves `/metrics` for Prometheus. It never signs and never shows
+anything but public keys and metrics, so it needs no authentication; it reads the agent's
+in-memory state and makes no store or backend call.
 """
 
 from __future__ import annotations
@@ -147,6 +148,11 @@ class JwksListener:
                 "id_token_signing_alg_values_supported": [agent.config.keys.algorithm],
             }
             return _json(200, document, [("cache-control", "public, max-age=3600")])
+        if path == "/metrics" and self.config.metrics:
+            from agent.api import render_metrics
+
+            page = render_metrics(agent).encode()
+            return 200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], page
         return _json(404, {"error": f"no such resource: {path}"})
 
 

@@ -441,3 +441,39 @@ def test_a_real_caller_under_another_uid_is_checked_by_its_credentials(short_tmp
 
 def b64decode_url(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+async def test_the_metrics_page_parses_as_prometheus_text_with_latency_histograms(
+    short_tmp: Path,
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    config = config_for(short_tmp, keys=QUIET_KEYS)
+    async with running(config), AsyncClient(config.socket.path) as client:
+        for i in range(5):
+            await client.sign(b"m%d" % i)
+        await client.rotate()
+        text = await client.metrics()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    sign = families["keyquorum_sign_seconds"]
+    assert sign.type == "histogram"
+    samples = {(s.name, s.labels.get("le")): s.value for s in sign.samples}
+    assert samples[("keyquorum_sign_seconds_count", None)] == 5
+    assert samples[("keyquorum_sign_seconds_bucket", "+Inf")] == 5
+    buckets = [s.value for s in sign.samples if s.name.endswith("_bucket")]
+    assert buckets == sorted(buckets)  # cumulative
+    assert families["keyquorum_signatures"].type == "counter"
+    (signed,) = [s for s in families["keyquorum_signatures"].samples if s.name.endswith("_total")]
+    assert signed.labels["alg"] == "ES256" and signed.value == 5
+    store_ops = {s.labels["op"] for s in families["keyquorum_store_seconds"].samples}
+    assert "compare_and_swap" in store_ops
+    assert {s.labels["op"] for s in families["keyquorum_backend_seconds"].samples} == {"create"}
+    for name in (
+        "keyquorum_signing_key_age_seconds",
+        "keyquorum_next_activation_seconds",
+        "keyquorum_next_expiry_seconds",
+        "keyquorum_term",
+        "keyquorum_degraded",
+    ):
+        assert families[name].type == "gauge", name
+    assert families["keyquorum_next_activation_seconds"].samples[0].value > 0

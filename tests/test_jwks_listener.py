@@ -29,7 +29,10 @@ def test_verifiers_get_the_jwks_with_cache_headers_and_discovery(short_tmp: Path
     config = write_config(
         short_tmp,
         keys=QUIET_KEYS,
-        sections={"jwks": {"listen": f"127.0.0.1:{port}"}, "jwt": {"issuer": "https://kq.test"}},
+        sections={
+            "jwks": {"listen": f"127.0.0.1:{port}", "metrics": True},
+            "jwt": {"issuer": "https://kq.test"},
+        },
     )
     base = f"http://127.0.0.1:{port}"
     with agent_process(config, short_tmp / "agent.sock"), Client(short_tmp / "agent.sock") as c:
@@ -57,6 +60,7 @@ def test_verifiers_get_the_jwks_with_cache_headers_and_discovery(short_tmp: Path
             assert discovery["jwks_uri"] == f"{base}/.well-known/jwks.json"
             assert discovery["id_token_signing_alg_values_supported"] == ["ES256"]
             assert http.get("/v1/sign").status_code == 404  # nothing but public keys here
+            assert "keyquorum_can_sign 1" in http.get("/metrics").text
             assert http.post("/.well-known/jwks.json", content=b"{}").status_code == 405
 
 
@@ -108,6 +112,7 @@ def test_the_jwks_is_served_over_https(short_tmp: Path) -> None:
             discovery = http.get("/.well-known/openid-configuration").json()
         assert discovery["jwks_uri"] == "https://keys.example.test/.well-known/jwks.json"
         assert discovery["issuer"] == "https://keys.example.test"
+        assert http_status(f"https://127.0.0.1:{port}/metrics", verify) == 404  # not enabled
         with pytest.raises(httpx.ConnectError):  # a client that does not trust the cert
             httpx.get(f"https://127.0.0.1:{port}/jwks.json", verify=True, timeout=5)
 
@@ -142,3 +147,7 @@ def test_a_port_in_use_or_a_bad_listen_address_stops_start_up_clearly(short_tmp:
         check=False,
     )
     assert result.returncode == 2 and "jwks.listen: '8443' is not host:port" in result.stderr
+
+
+def http_status(url: str, verify: ssl.SSLContext) -> int:
+    return httpx.get(url, verify=verify, timeout=5).status_code
