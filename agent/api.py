@@ -191,7 +191,7 @@ class Api:
     async def rotate(self, request: Request) -> Response:
         self._allow(request, "admin")
         _json_object(request, allowed=set())
-        record = await self._admin(self.agent.admin_rotate())
+        record = await self._admin(request, "rotate", self.agent.admin_rotate())
         return json_response(
             {"created": record.kid, "alg": record.alg, "status": status_document(self.agent)}
         )
@@ -199,7 +199,7 @@ class Api:
     async def rollback(self, request: Request) -> Response:
         self._allow(request, "admin")
         _json_object(request, allowed=set())
-        await self._admin(self.agent.admin_rollback())
+        await self._admin(request, "rollback", self.agent.admin_rollback())
         return json_response({"status": status_document(self.agent)})
 
     async def revoke(self, request: Request) -> Response:
@@ -208,7 +208,7 @@ class Api:
         kid = body.get("kid")
         if not isinstance(kid, str) or not kid:
             raise ApiError(400, "bad_request", "'kid' must be a non-empty string")
-        await self._admin(self.agent.admin_revoke(kid))
+        await self._admin(request, "revoke", self.agent.admin_revoke(kid), kid=kid)
         return json_response({"revoked": kid, "status": status_document(self.agent)})
 
     async def import_pem(self, request: Request) -> Response:
@@ -227,18 +227,34 @@ class Api:
             key, alg = load_pem_private_key(pem.encode(), alg)
         except ValueError as exc:
             raise ApiError(400, "bad_key", f"cannot import the key: {exc}") from None
-        record = await self._admin(self.agent.admin_rotate(origin_key=(key, alg)))
+        record = await self._admin(
+            request, "import", self.agent.admin_rotate(origin_key=(key, alg)), alg=alg
+        )
         return json_response(
             {"imported": record.kid, "alg": record.alg, "status": status_document(self.agent)}
         )
 
-    async def _admin(self, operation: Awaitable[Any]) -> Any:
+    async def _admin(
+        self, request: Request, action: str, operation: Awaitable[Any], **details: Any
+    ) -> Any:
+        """Run an operator command and audit it, whatever its outcome."""
+        audit = self.agent.audit
+        actor = _actor(request)
         try:
-            return await operation
+            result = await operation
         except PolicyRefusal as exc:
+            audit.record(f"admin_{action}", actor, outcome="refused", reason=str(exc), **details)
             raise ApiError(409, "refused", str(exc)) from None
         except (StoreError, BackendError, NotReady) as exc:
+            audit.record(f"admin_{action}", actor, outcome="failed", reason=str(exc), **details)
             raise ApiError(503, "unavailable", str(exc)) from None
+        except ApiError as exc:
+            audit.record(f"admin_{action}", actor, outcome="failed", reason=exc.message, **details)
+            raise
+        if hasattr(result, "kid"):
+            details["kid"] = result.kid
+        audit.record(f"admin_{action}", actor, outcome="done", **details)
+        return result
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -262,6 +278,10 @@ class Api:
         rule = getattr(self.agent.config.access, permission)
         peer = request.peer
         if not rule.allows(peer.uid, peer.gid, peer.groups):
+            if permission == "admin":
+                self.agent.audit.record(
+                    "admin_forbidden", _actor(request), outcome="forbidden", path=request.path
+                )
             raise ApiError(
                 403,
                 "forbidden",
@@ -409,6 +429,11 @@ def render_metrics(agent: Agent) -> str:
     if server is not None:
         gauge("keyquorum_connections_active", server.connections_active, "Open socket clients.")
     return agent.metrics.render(gauges)
+
+
+def _actor(request: Request) -> dict[str, Any]:
+    peer = request.peer
+    return {"uid": peer.uid, "gid": peer.gid, "pid": peer.pid}
 
 
 async def _remote_guard(signing: Awaitable[T]) -> T:

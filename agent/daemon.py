@@ -15,6 +15,8 @@ Shutdown is `Agent.shutdown()`: the server drains in-flight requests, then the n
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import time
@@ -23,6 +25,7 @@ from typing import Any
 
 import trio
 
+from agent.audit import AuditLog, lifecycle_events
 from agent.config import AgentConfig
 from agent.crypto import (
     PrivateKey,
@@ -113,6 +116,13 @@ class Agent:
         self._member_reports: dict[str, dict[str, Any]] = {}
         self.notifier = Notifier()
         self.jwks_listener: Any = None  # agent.jwks_http.JwksListener when [jwks] listen is set
+        self.audit = AuditLog(
+            config.node_id,
+            config.state_dir / "audit.jsonl",
+            etcd=getattr(store, "client", None) if config.store.kind == "etcd" else None,
+            prefix=config.store.prefix,
+            clock=clock,
+        )
         # Chaos tests only (KEYQUORUM_FAULT_COMMIT_DELAY): seconds between deciding and writing.
         self.fault_commit_delay = float(os.environ.get("KEYQUORUM_FAULT_COMMIT_DELAY", "0") or 0)
 
@@ -145,6 +155,7 @@ class Agent:
                 nursery.start_soon(self._loader_loop)
                 nursery.start_soon(self._leader_loop)
                 nursery.start_soon(self._systemd_loop)
+                nursery.start_soon(self._audit_loop)
                 if self.config.jwks is not None:
                     from agent.jwks_http import JwksListener
 
@@ -155,6 +166,36 @@ class Agent:
                     await self.election.resign()
                 nursery.cancel_scope.cancel()
         log.info("agent %s stopped", self.node_id)
+
+    async def _audit_loop(self) -> None:
+        """Copy audit events to etcd in the background (never in the way of a key write)."""
+        self._audit_started()
+        while True:
+            await self.audit.flush()
+            await trio.sleep(0.5)
+
+    def _audit_started(self) -> None:
+        """`agent_started`, and `config_changed` when the configuration differs from the last
+        start's (its digest is kept in the state directory)."""
+        from agent.config_check import effective
+
+        document = json.dumps(effective(self.config), sort_keys=True).encode()
+        digest = hashlib.sha256(document).hexdigest()
+        marker = self.config.state_dir / "config.sha256"
+        try:
+            previous = marker.read_text().strip()
+        except OSError:
+            previous = None
+        self.audit.record("agent_started", {"node": self.node_id}, config_sha256=digest)
+        if previous is not None and previous != digest:
+            self.audit.record(
+                "config_changed", {"node": self.node_id}, previous=previous, current=digest
+            )
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(digest + "\n")
+        except OSError as exc:
+            log.warning("cannot remember the configuration digest in %s: %s", marker, exc)
 
     def shutdown(self) -> None:
         """Stop accepting requests, let in-flight ones finish, then stop every task."""
@@ -604,6 +645,15 @@ class Agent:
         kept = {r.kid for r in keyset.keys}
         dropped = [r for r in base.keys if r.kid not in kept]
         self._install(keyset, revision)
+        for event, details in lifecycle_events(base, keyset):
+            self.metrics.inc("keyquorum_audit_events_total", event=event)
+            self.audit.record(
+                event,
+                {"leader": self.node_id},
+                generation=keyset.generation,
+                reason=what,
+                **details,
+            )
         if dropped and self.secrets is not None:
             await self._destroy_secret_versions(dropped)
         self.metrics.inc("keyquorum_keyset_writes_total")

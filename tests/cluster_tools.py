@@ -133,3 +133,22 @@ def start_nodes(
         node.process = stack.enter_context(
             agent_process(node.config, node.socket, env=(env or {}).get(node.name))
         )
+
+
+def audit_in_etcd(etcd: LocalEtcd, prefix: str = "/keyquorum/test") -> list[dict[str, Any]]:
+    """The audit events the cluster copied to etcd, oldest first."""
+    import json
+
+    import trio
+
+    from consensus.etcd_client import EtcdClient
+
+    async def read() -> list[dict[str, Any]]:
+        client = EtcdClient(etcd.endpoints)
+        try:
+            kvs, _ = await client.range(f"{prefix}/audit/".encode(), prefix=True)
+        finally:
+            await client.aclose()
+        return [json.loads(kv.value) for kv in kvs]
+
+    return trio.run(read)

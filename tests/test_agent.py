@@ -453,7 +453,10 @@ async def test_the_metrics_page_parses_as_prometheus_text_with_latency_histogram
         for i in range(5):
             await client.sign(b"m%d" % i)
         await client.rotate()
-        text = await client.metrics()
+        # The new key's activation is scheduled once every member holds it: soon after.
+        with trio.fail_after(10):
+            while "keyquorum_next_activation_seconds " not in (text := await client.metrics()):
+                await trio.sleep(0.05)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     sign = families["keyquorum_sign_seconds"]
     assert sign.type == "histogram"

@@ -19,6 +19,7 @@ import pytest
 from cluster_tools import (
     Node,
     Signature,
+    audit_in_etcd,
     kids_of,
     leader_of,
     make_nodes,
@@ -46,7 +47,7 @@ def cluster(etcd3: LocalEtcd, short_tmp: Path) -> Iterator[tuple[LocalEtcd, list
 def test_three_agents_share_one_key_set_and_rotate_under_load_with_no_failed_sign(
     cluster: tuple[LocalEtcd, list[Node]],
 ) -> None:
-    _, nodes = cluster
+    etcd, nodes = cluster
     wait_until(lambda: leader_of(nodes), 10, "a leader")
     # Keys rotate every ~7 s: four keys take ~21 s; up to 60 s on a loaded machine.
     report = sign_everywhere(nodes, 60.0, until=lambda sigs: len(kids_of(sigs)) >= 4)
@@ -65,6 +66,11 @@ def test_three_agents_share_one_key_set_and_rotate_under_load_with_no_failed_sig
         members = {m["node_id"]: m for m in st["members"]}
         assert sorted(members) == ["n1", "n2", "n3"]
         assert all(m["signing"] and m["loaded"] for m in members.values())
+    # The cluster's audit trail is in etcd: every node's start, and the leader's key writes.
+    audit = audit_in_etcd(etcd)
+    assert {e["node"] for e in audit if e["event"] == "agent_started"} == {"n1", "n2", "n3"}
+    created = {e["kid"] for e in audit if e["event"] == "key_created"}
+    assert set(kids) <= created
     print(
         f"\ncluster: {len(report.signatures)} signatures, {len(kids)} keys, "
         f"{len(report.snapshots)} JWKS fetches, 0 failed"
