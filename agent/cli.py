@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,7 @@ def _run(args: argparse.Namespace) -> int:
             wrapper,
             election=build_election(config),
             backend_timeout=backend_deadline(wrapper),
+            clock=_clock(),
         )
         log.info("agent %s starting; socket %s", config.node_id, config.socket.path)
         with unwrap_single():
@@ -229,6 +231,18 @@ def _backend(args: argparse.Namespace) -> int:
     else:
         print(report.render())
     return 0 if report.ok else 1
+
+
+def _clock() -> Callable[[], int]:
+    """The agent's wall clock; chaos tests skew it with KEYQUORUM_FAULT_CLOCK_OFFSET_MS (as a
+    node whose clock is off by that much would be, within keys.max_clock_skew)."""
+    from agent.daemon import wall_ms
+
+    offset = int(os.environ.get("KEYQUORUM_FAULT_CLOCK_OFFSET_MS", "0") or 0)
+    if not offset:
+        return wall_ms
+    logging.getLogger("keyquorum").warning("fault injection: clock offset %+d ms", offset)
+    return lambda: wall_ms() + offset
 
 
 async def _stop_on_signal(agent: Any) -> None:

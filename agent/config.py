@@ -243,7 +243,14 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
 
 
 # Environment variables that are not configuration overrides.
-_NOT_SETTINGS = frozenset({"KEYQUORUM_CONFIG", "KEYQUORUM_SOCKET", "KEYQUORUM_FAULT_COMMIT_DELAY"})
+_NOT_SETTINGS = frozenset(
+    {
+        "KEYQUORUM_CONFIG",
+        "KEYQUORUM_SOCKET",
+        "KEYQUORUM_FAULT_COMMIT_DELAY",
+        "KEYQUORUM_FAULT_CLOCK_OFFSET_MS",
+    }
+)
 _TOP_SCALARS = ("node_id", "cluster", "state_dir", "log_level")
 # Text settings keep an override's raw text unless it is a TOML string: KEYQUORUM_NODE_ID=7 is
 # the node "7", not the integer 7.
