@@ -1,8 +1,8 @@
-"""A FAKE Azure Key Vault (keys only) over HTTPS on 127.0.0.1, for the azure-keyvault-keys SDK.
+"""A FAKE Azure Key Vault (keys) over HTTPS on 127.0.0.1, for the azure-keyvault-keys SDK.
 
 No Key Vault emulator can be installed on this machine (lowkey-vault needs Maven or Docker), so
 this is a small stand-in that speaks just enough of the REST API for `backends/azure.py`, driven
-by the real SDK:
+by the real SDK (tests/fakes/azure_secrets.py adds the secrets endpoints on top of it):
 
 - TLS with a throwaway private CA generated at start with `cryptography` (the server certificate
   has SAN IP 127.0.0.1 and DNS localhost); `ca_file` is the CA's PEM, for `connection_verify`.
@@ -11,18 +11,31 @@ by the real SDK:
   gets 401 with `WWW-Authenticate: Bearer authorization="https://login.microsoftonline.com/
   <tenant>", resource="https://vault.azure.net"`; the SDK then asks its credential for a token
   for `https://vault.azure.net/.default` and resends. `FakeCredential` hands out `fake.token`.
-- GET /keys/{name}[/{version}], POST /keys/{name}/{version}/wrapkey and /unwrapkey with
-  {"alg": "RSA-OAEP-256", "value": b64url} -> {"kid": full key id, "value": b64url}: real
-  RSA-OAEP with SHA-256 under RSA-2048 keys held in memory. `create_key` and `rotate_key` add
-  versions (the newest is current); `disable` turns one version off.
+- Keys, with real key pairs from `cryptography` held in memory, in Key Vault's JSON shapes
+  (KeyBundle, KeyItem, DeletedKeyBundle; `created` in Unix seconds):
+  POST /keys/{name}/create ({"kty": "EC"|"RSA", "crv" | "key_size", "key_ops", "attributes",
+  "tags"}; a name in use gets a new version); GET /keys and GET /keys/{name}/versions (paged by
+  `page_size` with a `nextLink` carrying `$skiptoken`); GET /keys/{name}[/{version}];
+  POST /keys/{name}/{version}/sign ({"alg", "value": b64url digest} -> {"kid", "value"}: ES256
+  and ES384 as raw r||s like the real service, RS256/PS256 (salt = hash length) as PKCS#1);
+  POST .../wrapkey and /unwrapkey (RSA-OAEP-256); DELETE /keys/{name} (soft delete: the key
+  leaves the list and `deleted_keys` holds it; its name cannot be reused, 409, until purged).
+  A key's `key_ops` are enforced (403, like the service). Python-side `create_key` and
+  `rotate_key` add RSA-2048 versions with every operation; `disable` turns one version off.
 - Switches: `outage` (every request 503), `fail_next(n)` (the next n requests 503: a transient
-  outage), `forbidden` (authenticated requests 403, as without an RBAC role) and `stop()` (the
-  listener and every open connection are closed: the vault is unreachable).
-- Errors use Key Vault's JSON shape {"error": {"code": ..., "message": ...}}.
+  outage), `forbidden` (every authenticated request 403, as without any RBAC role), `deny`
+  (a set of permissions such as "keys/sign" refused with the service's ForbiddenByRbac 403,
+  as for a role without them) and `stop()` (the listener and every open connection are closed:
+  the vault is unreachable).
+- Errors use Key Vault's JSON shape {"error": {"code", "message", "innererror"?}}; a disabled
+  version is refused with 403 and innererror KeyDisabled / SecretDisabled, like the service.
 
-Fidelity gaps: no key creation over HTTP, no rotation policy, tags, backups or soft-delete; a
-disabled key is refused with 403 like the real service, but expiry dates are not modelled. Every
-request is logged in `requests` as (method, path) so a test can see what reached the "vault".
+Fidelity gaps: no rotation policies, backups, recovery or purge over HTTP, managed
+(certificate-backed) keys, release policies or Managed HSM; expiry and not-before dates are not
+enforced; keys are listed in creation order and versions by version id (the service documents
+no order; versions are not in creation order there either); `created` is real time in whole
+seconds, as the service reports it. Every request is logged in `requests` as
+(method, path) so a test can see what reached the "vault".
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import contextlib
 import datetime
 import ipaddress
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -45,18 +59,32 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from azure.core.credentials import AccessToken
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TENANT = "72f988bf-0000-4000-8000-00000000kq01"
 RESOURCE = "https://vault.azure.net"
 KEY_OPS = ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"]
+NAME = re.compile(r"[0-9A-Za-z-]{1,127}")
+RETENTION_DAYS = 90
 _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+_CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {
+    "P-256": (ec.SECP256R1, 32),
+    "P-384": (ec.SECP384R1, 48),
+}
+# JWS alg -> (key type, curve for EC, hash, digest length)
+_SIGN_ALGS: dict[str, tuple[str, str | None, type[hashes.HashAlgorithm], int]] = {
+    "ES256": ("EC", "P-256", hashes.SHA256, 32),
+    "ES384": ("EC", "P-384", hashes.SHA384, 48),
+    "RS256": ("RSA", None, hashes.SHA256, 32),
+    "PS256": ("RSA", None, hashes.SHA256, 32),
+}
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
 def b64url(data: bytes) -> str:
@@ -82,9 +110,12 @@ class FakeCredential:
 @dataclass
 class _KeyVersion:
     version: str
-    private: rsa.RSAPrivateKey
+    private: PrivateKey
     created: int
     enabled: bool = True
+    key_ops: list[str] = field(default_factory=lambda: list(KEY_OPS))
+    tags: dict[str, str] = field(default_factory=dict)
+    exportable: bool = False
 
 
 @dataclass
@@ -92,10 +123,38 @@ class _Key:
     versions: list[_KeyVersion] = field(default_factory=list)
 
 
+@dataclass
+class _DeletedKey:
+    key: _Key
+    deleted: int
+
+
 class _Error(Exception):
-    def __init__(self, status: int, code: str, message: str, **headers: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        inner: str | None = None,
+        **headers: str,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.inner = inner
+
+
+def bad_request(message: str) -> _Error:
+    return _Error(400, "BadParameter", message)
+
+
+def disabled(operation: str, what: str) -> _Error:
+    """Key Vault's answer to any use of a disabled key or secret version."""
+    return _Error(
+        403,
+        "Forbidden",
+        f"Operation {operation} is not allowed on a disabled {what}.",
+        inner="KeyDisabled" if what == "key" else "SecretDisabled",
+    )
 
 
 class _Server(ThreadingHTTPServer):
@@ -140,6 +199,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._handle("PUT")
 
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
     def do_DELETE(self) -> None:
         self._handle("DELETE")
 
@@ -151,7 +213,10 @@ class _Handler(BaseHTTPRequestHandler):
             headers: dict[str, str] = {}
         except _Error as exc:
             status, headers = exc.status, exc.headers
-            payload = {"error": {"code": exc.code, "message": exc.message}}
+            error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+            if exc.inner:
+                error["innererror"] = {"code": exc.inner}
+            payload = {"error": error}
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -168,14 +233,18 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeKeyVault:
     """A key vault on https://127.0.0.1:<port>; use as a context manager (stops on exit)."""
 
+    page_size = 25  # Key Vault's maximum page; tests lower it to exercise nextLink paging
+
     def __init__(self, tenant: str = TENANT) -> None:
         self.tenant = tenant
         self.token = f"fake-kv-token-{uuid.uuid4().hex}"
         self.outage = False
         self.forbidden = False
+        self.deny: set[str] = set()  # permissions refused, e.g. {"keys/sign"}
         self.requests: list[tuple[str, str]] = []
         self._fail_next = 0
         self._keys: dict[str, _Key] = {}
+        self.deleted_keys: dict[str, _DeletedKey] = {}
         self._lock = threading.Lock()
         self._conns: set[ssl.SSLSocket] = set()
         self._dir: Path | None = None
@@ -243,13 +312,13 @@ class FakeKeyVault:
         return FakeCredential(self.token)
 
     # -- keys ------------------------------------------------------------------------------
-    def create_key(self, name: str) -> str:
+    def create_key(self, name: str, tags: dict[str, str] | None = None) -> str:
         """Create key `name` (or a new version of it); returns the new version's full key id."""
         private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         version = uuid.uuid4().hex
         with self._lock:
             self._keys.setdefault(name, _Key()).versions.append(
-                _KeyVersion(version, private, int(time.time()))
+                _KeyVersion(version, private, int(time.time()), tags=dict(tags or {}))
             )
         return self.key_id(name, version)
 
@@ -259,8 +328,23 @@ class FakeKeyVault:
         with self._lock:
             self._find(name, version).enabled = False
 
+    def set_created(self, name: str, version: str, created: int) -> None:
+        """Back-date a version (created times are whole seconds, so tests order them)."""
+        with self._lock:
+            self._find(name, version).created = created
+
     def key_id(self, name: str, version: str) -> str:
         return f"{self.vault_url}/keys/{name}/{version}"
+
+    def key_names(self) -> list[str]:
+        """The names of the keys the vault lists (not the deleted ones)."""
+        with self._lock:
+            return list(self._keys)
+
+    def bundle(self, name: str, version: str = "") -> dict[str, Any]:
+        """What GET /keys/{name}[/{version}] answers, for tests to inspect a key."""
+        with self._lock:
+            return self._bundle(name, self._find(name, version))
 
     def fail_next(self, count: int) -> None:
         """The next `count` requests get 503, then the vault answers again."""
@@ -296,10 +380,33 @@ class FakeKeyVault:
             "deleted this key you may be able to recover it using the correct recovery command.",
         )
 
+    def _permit(self, permission: str) -> None:
+        """Refuse a permission in `deny` as Azure RBAC does for a role that lacks it."""
+        if permission in self.deny:
+            kind, action = permission.split("/")
+            data_action = {
+                "keys/get": "keys/read",
+                "keys/list": "keys/read",
+                "keys/create": "keys/create/action",
+                "keys/delete": "keys/delete",
+                "secrets/get": "secrets/getSecret/action",
+                "secrets/list": "secrets/readMetadata/action",
+                "secrets/set": "secrets/setSecret/action",
+            }.get(permission, f"{kind}/{action}/action")
+            raise _Error(
+                403,
+                "Forbidden",
+                "Caller is not authorized to perform action on resource.\r\nIf role assignments, "
+                "deny assignments or role definitions were changed recently, please observe "
+                f"propagation time.\r\nAction: 'Microsoft.KeyVault/vaults/{data_action}'",
+                inner="ForbiddenByRbac",
+            )
+
     def _dispatch(
         self, method: str, target: str, headers: Any, body: bytes
     ) -> tuple[int, dict[str, Any]]:
-        path = urlsplit(target).path
+        split = urlsplit(target)
+        path = split.path
         with self._lock:
             self.requests.append((method, path))
             failing = self.outage or self._fail_next > 0
@@ -328,60 +435,236 @@ class FakeKeyVault:
                 "become effective.",
             )
         parts = [p for p in path.split("/") if p]
+        query = {k: v[-1] for k, v in parse_qs(split.query).items()}
+        try:
+            request = json.loads(body) if body else {}
+        except ValueError:
+            raise bad_request("The request body is not JSON.") from None
+        if not isinstance(request, dict):
+            raise bad_request("The request body is not a JSON object.")
         with self._lock:
-            if method == "GET" and len(parts) in (2, 3) and parts[0] == "keys":
-                version = self._find(parts[1], parts[2] if len(parts) == 3 else "")
-                return 200, self._bundle(parts[1], version)
-            if (
-                method == "POST"
-                and len(parts) == 4
-                and parts[0] == "keys"
-                and parts[3] in ("wrapkey", "unwrapkey")
-            ):
-                version = self._find(parts[1], parts[2])
-                return 200, self._operate(parts[1], version, parts[3], body)
-        raise _Error(400, "BadParameter", f"Method {method} {path} is not supported by the fake.")
+            return self._route(method, parts, query, request)
 
-    def _bundle(self, name: str, version: _KeyVersion) -> dict[str, Any]:
-        numbers = version.private.public_key().public_numbers()
+    def _route(
+        self, method: str, parts: list[str], query: dict[str, str], request: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        """Answer one authenticated request (called with the lock held); subclasses add
+        routes and fall back to this one."""
+        path = "/" + "/".join(parts)
+        if not parts or parts[0] != "keys":
+            raise bad_request(f"Method {method} {path} is not supported by the fake.")
+        if method == "GET" and len(parts) == 1:
+            self._permit("keys/list")
+            items = [self._item(n, k.versions[-1], versioned=False) for n, k in self._keys.items()]
+            return 200, self._page(items, path, query)
+        if method == "GET" and len(parts) == 3 and parts[2] == "versions":
+            self._permit("keys/list")
+            key = self._keys.get(parts[1])
+            versions = sorted(key.versions, key=lambda v: v.version) if key is not None else []
+            items = [self._item(parts[1], v, versioned=True) for v in versions]
+            return 200, self._page(items, path, query)
+        if method == "GET" and len(parts) in (2, 3):
+            self._permit("keys/get")
+            version = self._find(parts[1], parts[2] if len(parts) == 3 else "")
+            return 200, self._bundle(parts[1], version)
+        if method == "POST" and len(parts) == 3 and parts[2] == "create":
+            self._permit("keys/create")
+            return 200, self._create(parts[1], request)
+        if method == "DELETE" and len(parts) == 2:
+            self._permit("keys/delete")
+            return 200, self._delete(parts[1])
+        if method == "POST" and len(parts) == 4 and parts[3] in ("wrapkey", "unwrapkey", "sign"):
+            operation = {"wrapkey": "wrapKey", "unwrapkey": "unwrapKey", "sign": "sign"}[parts[3]]
+            self._permit(f"keys/{operation}")
+            version = self._find(parts[1], parts[2])
+            if not version.enabled:
+                raise disabled(operation, "key")
+            if operation not in version.key_ops:
+                raise _Error(
+                    403, "Forbidden", f"Operation {operation} is not permitted on this key."
+                )
+            if operation == "sign":
+                return 200, self._sign(parts[1], version, request)
+            return 200, self._operate(parts[1], version, parts[3], request)
+        raise bad_request(f"Method {method} {path} is not supported by the fake.")
+
+    def _page(
+        self, items: list[dict[str, Any]], path: str, query: dict[str, str]
+    ) -> dict[str, Any]:
+        """One page of a list, with Key Vault's nextLink (a full URL with $skiptoken)."""
+        try:
+            start = int(query.get("$skiptoken", "0"))
+            size = min(int(query.get("maxresults", self.page_size)), self.page_size)
+        except ValueError:
+            raise bad_request("Invalid $skiptoken or maxresults.") from None
+        end = start + size
+        next_link = None
+        if end < len(items):
+            next_link = (
+                f"{self.vault_url}{path}?api-version={query.get('api-version', '7.6')}"
+                f"&$skiptoken={end}&maxresults={size}"
+            )
+        return {"value": items[start:end], "nextLink": next_link}
+
+    def _create(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        if not NAME.fullmatch(name):
+            raise bad_request(
+                "The request URI contains an invalid name: names are 1-127 letters, digits and "
+                "dashes."
+            )
+        if name in self.deleted_keys:
+            raise _Error(
+                409,
+                "Conflict",
+                f"Key {name} is currently in a deleted but recoverable state, and its name "
+                "cannot be reused; in this state, the key can only be recovered or purged.",
+            )
+        kty = request.get("kty")
+        private: PrivateKey
+        if kty == "EC":
+            curve = _CURVES.get(str(request.get("crv")))
+            if curve is None:
+                raise bad_request(f"The curve {request.get('crv')!r} is not supported.")
+            private = ec.generate_private_key(curve[0]())
+        elif kty == "RSA":
+            size = request.get("key_size") or 2048
+            if size not in (2048, 3072, 4096):
+                raise bad_request(f"The key size {size!r} is not supported.")
+            private = rsa.generate_private_key(public_exponent=65537, key_size=size)
+        elif kty in ("EC-HSM", "RSA-HSM", "oct-HSM"):
+            raise bad_request("Hardware key operation not allowed on standard vault.")
+        else:
+            raise bad_request(f"The key type {kty!r} is not supported.")
+        attributes = request.get("attributes") or {}
+        if attributes.get("exportable") and not request.get("release_policy"):
+            raise bad_request("Exportable keys must have release policy.")
+        tags = request.get("tags") or {}
+        if len(tags) > 15 or any(len(k) > 512 or len(str(v)) > 256 for k, v in tags.items()):
+            raise bad_request("Tags: at most 15, names up to 512 and values up to 256 characters.")
+        version = _KeyVersion(
+            uuid.uuid4().hex,
+            private,
+            int(time.time()),
+            enabled=attributes.get("enabled", True) is not False,
+            key_ops=list(request.get("key_ops") or KEY_OPS),
+            tags={str(k): str(v) for k, v in tags.items()},
+            exportable=bool(attributes.get("exportable")),
+        )
+        self._keys.setdefault(name, _Key()).versions.append(version)
+        return self._bundle(name, version)
+
+    def _delete(self, name: str) -> dict[str, Any]:
+        key = self._keys.get(name)
+        if key is None or not key.versions:
+            self._find(name, "")  # raises KeyNotFound
+            raise AssertionError("unreachable")
+        del self._keys[name]
+        now = int(time.time())
+        self.deleted_keys[name] = _DeletedKey(key, now)
         return {
-            "key": {
-                "kid": self.key_id(name, version.version),
-                "kty": "RSA",
-                "key_ops": KEY_OPS,
-                "n": b64url(numbers.n.to_bytes(256, "big")),
-                "e": b64url(numbers.e.to_bytes(3, "big")),
-            },
-            "attributes": {
-                "enabled": version.enabled,
-                "created": version.created,
-                "updated": version.created,
-                "recoveryLevel": "Recoverable+Purgeable",
-                "recoverableDays": 90,
-            },
+            **self._bundle(name, key.versions[-1]),
+            "recoveryId": f"{self.vault_url}/deletedkeys/{name}",
+            "deletedDate": now,
+            "scheduledPurgeDate": now + RETENTION_DAYS * 86400,
         }
 
-    def _operate(
-        self, name: str, version: _KeyVersion, operation: str, body: bytes
-    ) -> dict[str, Any]:
-        if not version.enabled:
-            raise _Error(
-                403, "Forbidden", f"Operation {operation} is not allowed on a disabled key."
+    def _attributes(self, version: _KeyVersion) -> dict[str, Any]:
+        return {
+            "enabled": version.enabled,
+            "created": version.created,
+            "updated": version.created,
+            "recoveryLevel": "Recoverable+Purgeable",
+            "recoverableDays": RETENTION_DAYS,
+            "exportable": version.exportable,
+        }
+
+    def _item(self, name: str, version: _KeyVersion, *, versioned: bool) -> dict[str, Any]:
+        """A KeyItem of a list: the key's id (with the version in a versions list)."""
+        item: dict[str, Any] = {
+            "kid": self.key_id(name, version.version)
+            if versioned
+            else f"{self.vault_url}/keys/{name}",
+            "attributes": self._attributes(version),
+        }
+        if version.tags:
+            item["tags"] = dict(version.tags)
+        return item
+
+    def _bundle(self, name: str, version: _KeyVersion) -> dict[str, Any]:
+        jwk: dict[str, Any] = {
+            "kid": self.key_id(name, version.version),
+            "key_ops": version.key_ops,
+        }
+        public = version.private.public_key()
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            crv = {"secp256r1": "P-256", "secp384r1": "P-384"}[public.curve.name]
+            size = _CURVES[crv][1]
+            numbers = public.public_numbers()
+            jwk.update(
+                kty="EC",
+                crv=crv,
+                x=b64url(numbers.x.to_bytes(size, "big")),
+                y=b64url(numbers.y.to_bytes(size, "big")),
             )
+        else:
+            rsa_numbers = public.public_numbers()
+            jwk.update(
+                kty="RSA",
+                n=b64url(rsa_numbers.n.to_bytes((rsa_numbers.n.bit_length() + 7) // 8, "big")),
+                e=b64url(rsa_numbers.e.to_bytes(3, "big")),
+            )
+        bundle: dict[str, Any] = {"key": jwk, "attributes": self._attributes(version)}
+        if version.tags:
+            bundle["tags"] = dict(version.tags)
+        return bundle
+
+    def _sign(self, name: str, version: _KeyVersion, request: dict[str, Any]) -> dict[str, Any]:
         try:
-            request = json.loads(body)
+            alg, digest = request["alg"], unb64url(request["value"])
+        except (ValueError, KeyError, TypeError):
+            raise bad_request("Property has invalid value") from None
+        spec = _SIGN_ALGS.get(alg)
+        private = version.private
+        if spec is None:
+            raise bad_request(f"Algorithm {alg!r} is not supported by the fake.")
+        kty, crv, hash_type, digest_size = spec
+        if len(digest) != digest_size:
+            raise bad_request(f"Invalid length of digest for algorithm {alg}.")
+        prehashed = utils.Prehashed(hash_type())
+        if isinstance(private, ec.EllipticCurvePrivateKey):
+            size = _CURVES.get(crv or "", (None, 0))[1]
+            if kty != "EC" or private.curve.key_size != size * 8:
+                raise bad_request(f"Key and signing algorithm {alg} are incompatible.")
+            r, s = utils.decode_dss_signature(private.sign(digest, ec.ECDSA(prehashed)))
+            signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
+        else:
+            if kty != "RSA":
+                raise bad_request(f"Key and signing algorithm {alg} are incompatible.")
+            pad: padding.AsymmetricPadding = (
+                padding.PKCS1v15()
+                if alg == "RS256"
+                else padding.PSS(mgf=padding.MGF1(hash_type()), salt_length=digest_size)
+            )
+            signature = private.sign(digest, pad, prehashed)
+        return {"kid": self.key_id(name, version.version), "value": b64url(signature)}
+
+    def _operate(
+        self, name: str, version: _KeyVersion, operation: str, request: dict[str, Any]
+    ) -> dict[str, Any]:
+        try:
             alg, value = request["alg"], unb64url(request["value"])
         except (ValueError, KeyError, TypeError):
-            raise _Error(400, "BadParameter", "Property has invalid value") from None
-        if alg != "RSA-OAEP-256":
-            raise _Error(400, "BadParameter", f"Algorithm {alg!r} is not supported by the fake.")
+            raise bad_request("Property has invalid value") from None
+        private = version.private
+        if alg != "RSA-OAEP-256" or not isinstance(private, rsa.RSAPrivateKey):
+            raise bad_request(f"Algorithm {alg!r} is not supported by the fake for this key.")
         if operation == "wrapkey":
-            result = version.private.public_key().encrypt(value, _OAEP)
+            result = private.public_key().encrypt(value, _OAEP)
         else:
             try:
-                result = version.private.decrypt(value, _OAEP)
+                result = private.decrypt(value, _OAEP)
             except ValueError:
-                raise _Error(400, "BadParameter", "Error unwrapping the key.") from None
+                raise bad_request("Error unwrapping the key.") from None
         return {"kid": self.key_id(name, version.version), "value": b64url(result)}
 
 
