@@ -28,9 +28,7 @@ from agent.keyring import NotReady
 from agent.policy import (
     KeyState,
     PolicyRefusal,
-    jwks_max_age,
     key_state,
-    published_keys,
     signing_key,
 )
 from agent.timing import SECOND
@@ -166,14 +164,11 @@ class Api:
     # ---- reading ----------------------------------------------------------------------------
 
     async def jwks(self, request: Request) -> Response:
-        agent = self.agent
-        now = agent.clock()
-        keyset = agent.keyring.keyset
-        keys = [dict(r.jwk) for r in published_keys(keyset, now)]
-        max_age = jwks_max_age(keyset, now, agent.timing)
-        return json_response(
-            {"keys": keys}, headers=(("cache-control", f"public, max-age={max_age}"),)
-        )
+        try:
+            document, max_age = self.agent.jwks_view()
+        except NotReady as exc:
+            raise ApiError(503, "stale", str(exc)) from None
+        return json_response(document, headers=(("cache-control", f"public, max-age={max_age}"),))
 
     async def healthz(self, request: Request) -> Response:
         state, reasons = self.agent.health()

@@ -47,6 +47,8 @@ from agent.policy import (
     PolicyRefusal,
     apply_plan_edits,
     evaluate,
+    jwks_max_age,
+    published_keys,
     rollback_to,
     rotate_now,
     signing_key,
@@ -96,6 +98,9 @@ class Agent:
         # backend.kind = a secret store: each key is a version of one versioned secret.
         self.secrets: SecretStore | None = wrapper if isinstance(wrapper, SecretStore) else None
         self._stable_ref: dict[str, str] | None = None  # last `stable` label we know of
+        # When this agent last confirmed its key-set view current (a read of the store that
+        # succeeded, timed from before it was sent): the JWKS it may serve depends on it.
+        self.confirmed_at: int | None = None
         self.clock = clock
         self.backend_timeout = backend_timeout
         self.node_id = config.node_id
@@ -156,6 +161,7 @@ class Agent:
                 nursery.start_soon(self._leader_loop)
                 nursery.start_soon(self._systemd_loop)
                 nursery.start_soon(self._audit_loop)
+                nursery.start_soon(self._confirm_loop)
                 if self.config.jwks is not None:
                     from agent.jwks_http import JwksListener
 
@@ -237,6 +243,7 @@ class Agent:
     # ---- following the store -----------------------------------------------------------------
 
     async def _initial_load(self) -> None:
+        sent = self.clock()
         try:
             with trio.fail_after(self.backend_timeout):
                 current = await self.store.get()
@@ -246,6 +253,47 @@ class Agent:
             )
             return
         self._absorb(current)
+        self.confirmed_at = sent
+
+    async def _confirm_loop(self) -> None:
+        """Re-read the store now and then: it confirms this agent's view is current (a
+        partitioned agent cannot know of keys created since, so what JWKS it may serve shrinks;
+        see `jwks_view`), and catches up on anything a silently stalled watch missed."""
+        period = min(self.timing.check_interval, self.timing.grace_period // 8) / 1000
+        while True:
+            await trio.sleep(period)
+            sent = self.clock()
+            try:
+                with trio.fail_after(max(period * 4, 1.0)):
+                    current = await self.store.get()
+            except (StoreError, trio.TooSlowError):
+                continue  # the watch loop reports store trouble
+            self._absorb(current)
+            self.confirmed_at = sent
+
+    def jwks_view(self) -> tuple[dict[str, Any], int]:
+        """The JWKS and the max-age this agent can vouch for, or NotReady.
+
+        A key this agent has not seen was created after `confirmed_at`, so it activates no
+        earlier than confirmed_at + grace_period (give or take the clock skew on both sides):
+        a verifier may cache this JWKS only until then, and once that moment has passed this
+        agent must not serve a JWKS at all (a partitioned agent would otherwise hand verifiers
+        a key set that misses the key the rest of the cluster signs with)."""
+        now = self.clock()
+        keyset = self.keyring.keyset
+        timing = self.timing
+        max_age = jwks_max_age(keyset, now, timing)
+        if self.confirmed_at is not None:
+            budget = self.confirmed_at + timing.grace_period - 2 * timing.max_clock_skew - now
+            if budget < 1000:
+                raise NotReady(
+                    f"this agent's view of the key set was last confirmed "
+                    f"{(now - self.confirmed_at) / 1000:.1f}s ago (the store is unreachable "
+                    "from here), so it cannot vouch for a JWKS; fetch it from another node"
+                )
+            max_age = min(max_age, budget // 1000)
+        keys = [dict(r.jwk) for r in published_keys(keyset, now)]
+        return {"keys": keys}, max_age
 
     async def _watch_loop(self) -> None:
         backoff = _Backoff(0.2, max(1.0, self.timing.check_interval / 1000))

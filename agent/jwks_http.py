@@ -26,7 +26,7 @@ import h11
 import trio
 
 from agent.httpd import SocketInUse
-from agent.policy import jwks_max_age, published_keys
+from agent.keyring import NotReady
 
 if TYPE_CHECKING:
     from agent.config import JwksListenConfig
@@ -129,12 +129,13 @@ class JwksListener:
         if method not in ("GET", "HEAD"):
             return _json(405, {"error": "only GET and HEAD"}, [("allow", "GET, HEAD")])
         agent = self.agent
-        now = agent.clock()
-        keyset = agent.keyring.keyset
         if path in ("/.well-known/jwks.json", "/jwks.json"):
-            body = _canonical({"keys": [dict(r.jwk) for r in published_keys(keyset, now)]})
+            try:
+                document, max_age = agent.jwks_view()
+            except NotReady as exc:
+                return _json(503, {"error": str(exc)}, [("retry-after", "1")])
+            body = _canonical(document)
             etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-            max_age = jwks_max_age(keyset, now, agent.timing)
             cache = [("cache-control", f"public, max-age={max_age}"), ("etag", etag)]
             wanted = headers.get(b"if-none-match", b"").decode()
             if etag in [t.strip() for t in wanted.split(",")] or wanted.strip() == "*":

@@ -480,3 +480,27 @@ async def test_the_metrics_page_parses_as_prometheus_text_with_latency_histogram
     ):
         assert families[name].type == "gauge", name
     assert families["keyquorum_next_activation_seconds"].samples[0].value > 0
+
+
+async def test_an_agent_that_cannot_confirm_its_view_stops_vouching_for_a_jwks(
+    short_tmp: Path,
+) -> None:
+    """A partitioned agent cannot know keys created since it last read the store; they activate
+    a grace period later at the earliest, so its JWKS max-age shrinks and then it refuses."""
+    config = config_for(short_tmp, keys=QUIET_KEYS)  # grace 1.5 s, skew 0.2 s, max-age 1 s
+    async with running(config) as agent, AsyncClient(config.socket.path) as client:
+        _, max_age = await client.jwks_with_max_age()
+        assert max_age == 1
+        now = agent.clock()
+        agent.confirmed_at = now - 500  # budget 1.5 - 0.4 - 0.5 = 0.6 s: below one second
+        with pytest.raises(AgentError) as stale:
+            await client.jwks_with_max_age()
+        assert stale.value.status == 503 and stale.value.code == "stale"
+        assert "fetch it from another node" in stale.value.message
+        # Signing goes on: only the JWKS is withheld.
+        assert (await client.sign(b"still signs")).signature
+        # The next successful read of the store confirms the view again.
+        with trio.fail_after(5):
+            while agent.confirmed_at < now:
+                await trio.sleep(0.01)
+        assert (await client.jwks_with_max_age())[1] == 1
