@@ -285,13 +285,13 @@ class Agent:
         max_age = jwks_max_age(keyset, now, timing)
         if self.confirmed_at is not None:
             budget = self.confirmed_at + timing.grace_period - 2 * timing.max_clock_skew - now
-            if budget < 1000:
+            if budget <= 0:
                 raise NotReady(
                     f"this agent's view of the key set was last confirmed "
                     f"{(now - self.confirmed_at) / 1000:.1f}s ago (the store is unreachable "
                     "from here), so it cannot vouch for a JWKS; fetch it from another node"
                 )
-            max_age = min(max_age, budget // 1000)
+            max_age = min(max_age, budget // 1000)  # 0: use it now, do not cache it
         keys = [dict(r.jwk) for r in published_keys(keyset, now)]
         return {"keys": keys}, max_age
 

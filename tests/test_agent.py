@@ -490,9 +490,9 @@ async def test_an_agent_that_cannot_confirm_its_view_stops_vouching_for_a_jwks(
     config = config_for(short_tmp, keys=QUIET_KEYS)  # grace 1.5 s, skew 0.2 s, max-age 1 s
     async with running(config) as agent, AsyncClient(config.socket.path) as client:
         _, max_age = await client.jwks_with_max_age()
-        assert max_age == 1
+        assert max_age in (0, 1)  # 1.5 - 0.4 s of budget, less up to ~0.2 s since the last read
         now = agent.clock()
-        agent.confirmed_at = now - 500  # budget 1.5 - 0.4 - 0.5 = 0.6 s: below one second
+        agent.confirmed_at = now - 1200  # budget 1.5 - 0.4 - 1.2 < 0: cannot vouch at all
         with pytest.raises(AgentError) as stale:
             await client.jwks_with_max_age()
         assert stale.value.status == 503 and stale.value.code == "stale"
@@ -503,4 +503,4 @@ async def test_an_agent_that_cannot_confirm_its_view_stops_vouching_for_a_jwks(
         with trio.fail_after(5):
             while agent.confirmed_at < now:
                 await trio.sleep(0.01)
-        assert (await client.jwks_with_max_age())[1] == 1
+        assert (await client.jwks_with_max_age())[1] in (0, 1)
