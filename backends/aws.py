@@ -182,6 +182,11 @@ def _translate(
         if code in _THROTTLED or status == 429 or status >= 500:
             return BackendUnavailable(f"{what}: KMS is throttling or failing ({code or status})")
         return BackendDenied(f"{what}: {code}: {message}")
+    return translate_transport(exc, what, "KMS")
+
+
+def translate_transport(exc: Exception, what: str, service: str) -> BackendError:
+    """botocore's errors that are not a service's answer: credentials, region, the network."""
     if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.NoRegionError):
         return BackendConfigError(
             f"{what}: {exc}",
@@ -197,7 +202,7 @@ def _translate(
         | botocore.exceptions.ConnectTimeoutError
         | botocore.exceptions.HTTPClientError,
     ):
-        return BackendUnavailable(f"{what}: cannot reach KMS ({type(exc).__name__})")
+        return BackendUnavailable(f"{what}: cannot reach {service} ({type(exc).__name__})")
     return BackendUnavailable(f"{what}: unexpected {type(exc).__name__}: {exc}")
 
 

@@ -48,7 +48,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from backends.aws import _CREDENTIALS, _THROTTLED
+from backends.aws import _CREDENTIALS, _THROTTLED, translate_transport
 from backends.base import BackendConfigError, BackendDenied, BackendError, BackendUnavailable
 from backends.calls import CallPolicy, in_thread, retry
 
@@ -303,23 +303,7 @@ def _translate(exc: Exception, what: str, permission: str, secret: str) -> Backe
                 f"{what}: Secrets Manager is throttling or failing ({code or status})"
             )
         return BackendDenied(f"{what}: {code}: {message}")
-    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.NoRegionError):
-        return BackendConfigError(
-            f"{what}: {exc}",
-            "give the node AWS credentials and set backend.region (or AWS_REGION)",
-        )
-    if isinstance(exc, botocore.exceptions.ProfileNotFound):
-        return BackendConfigError(f"{what}: {exc}", "fix backend.profile")
-    if isinstance(
-        exc,
-        botocore.exceptions.EndpointConnectionError
-        | botocore.exceptions.ConnectionError
-        | botocore.exceptions.ReadTimeoutError
-        | botocore.exceptions.ConnectTimeoutError
-        | botocore.exceptions.HTTPClientError,
-    ):
-        return BackendUnavailable(f"{what}: cannot reach Secrets Manager ({type(exc).__name__})")
-    return BackendUnavailable(f"{what}: unexpected {type(exc).__name__}: {exc}")
+    return translate_transport(exc, what, "Secrets Manager")
 
 
 def _string_option(options: Mapping[str, Any], name: str) -> str | None:
