@@ -33,7 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from agent.demo import run_demo
 
-        return run_demo(args)
+        try:
+            return run_demo(args)
+        except KeyboardInterrupt:  # Ctrl-C: every agent and etcd member is stopped on the way out
+            print("\ninterrupted: the demo's processes are stopped", file=sys.stderr)
+            return 130
     if args.command == "backend":
         return _backend(args)
     if args.command == "config":

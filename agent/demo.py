@@ -366,6 +366,8 @@ def run_cluster_demo(args: argparse.Namespace) -> int:
                     last[name] = count
                 failed = sum(len(r.failures) for n, r in reports.items() if n not in killed)
                 leader = leaders[0] if leaders else "(electing)"
+                if leaders and statuses[leaders[0]]["term"]:
+                    leader += f" (term {statuses[leaders[0]]['term']})"
                 down = f"  down: {','.join(killed)}" if killed else ""
                 print(
                     f"  t={elapsed:5.1f}s  leader={leader}  {'  '.join(rates)}  "

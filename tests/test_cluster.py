@@ -268,3 +268,41 @@ def test_the_readme_demo_runs_a_cluster_and_survives_killing_its_leader(short_tm
     assert out.returncode == 0, text + out.stderr.decode()
     assert ">>> kill -9 of the leader" in text
     assert " 0 failed requests" in text and " 0 unverifiable" in text
+
+
+def test_ctrl_c_stops_the_demo_and_every_process_it_started(short_tmp: Path) -> None:
+    import subprocess
+    import sys
+
+    demo_dir = short_tmp / "demo"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "demo", "--duration", "60", "--dir", str(demo_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # the live view is up once the first tick prints
+            if "t=" in line:
+                assert "leader=" in line and "(term " in line
+                break
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream:
+                stream.close()
+    leftovers = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if str(demo_dir) in cmdline:
+                leftovers.append(cmdline.replace("\0", " "))
+    assert leftovers == []
