@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import binascii
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
+from agent import framing
 from agent.crypto import (
     ALGORITHMS,
+    Signer,
+    SigningKey,
     b64url_decode,
     b64url_encode,
     encode_jwt_async,
     load_pem_private_key,
 )
-from agent.httpd import ApiError, Request, Response, json_response
-from agent.keyring import NotReady
+from agent.httpd import ApiError, Peer, Request, Response, json_response
+from agent.keyring import Keyring, NotReady
+from agent.metrics import Metrics
 from agent.policy import (
     KeyState,
     PolicyRefusal,
@@ -39,6 +44,7 @@ T = TypeVar("T")
 STARTUP_WAIT = 10.0  # seconds a request made during start-up waits for the first key
 
 if TYPE_CHECKING:
+    from agent.config import AgentConfig
     from agent.daemon import Agent
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -47,40 +53,54 @@ Handler = Callable[[Request], Awaitable[Response]]
 _RESERVED_CLAIMS = frozenset({"iat"})
 
 
-class Api:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.routes: dict[tuple[str, str], Handler] = {
-            ("POST", "/v1/sign"): self.sign,
-            ("POST", "/v1/jwt"): self.jwt,
-            ("GET", "/v1/jwks"): self.jwks,
-            ("GET", "/v1/status"): self.status,
-            ("GET", "/healthz"): self.healthz,
-            ("GET", "/metrics"): self.metrics,
-            ("POST", "/v1/admin/rotate"): self.rotate,
-            ("POST", "/v1/admin/rollback"): self.rollback,
-            ("POST", "/v1/admin/revoke"): self.revoke,
-            ("POST", "/v1/admin/import"): self.import_pem,
-        }
-        self.paths = {path for _, path in self.routes}
+class SigningContext(Protocol):
+    """What the signing endpoints need of an agent: the agent itself, or a worker process's
+    mirror of its keyring (`agent.workers`)."""
 
-    async def handle(self, request: Request) -> Response:
-        handler = self.routes.get((request.method, request.path))
-        metrics = self.agent.metrics
-        if handler is None:
-            metrics.inc("keyquorum_requests_total", path="other", code="404")
-            if request.path in self.paths:
-                raise ApiError(
-                    405, "method_not_allowed", f"{request.method} {request.path} is not supported"
-                )
-            raise ApiError(404, "not_found", f"no such endpoint: {request.path}")
+    config: AgentConfig
+    keyring: Keyring
+    metrics: Metrics
+    ready: trio.Event
+    problems: dict[str, str]
+    clock: Callable[[], int]
+
+
+class SigningApi:
+    """The hot path: sign and JWT, over HTTP and over the framed protocol (`fast`)."""
+
+    def __init__(self, agent: SigningContext) -> None:
+        self.agent = agent
+        # Access decisions by (uid, gid, groups, permission): the policy is fixed for the
+        # agent's lifetime, and the framed hot path should not re-walk it on every request.
+        self._decisions: dict[tuple[int, int, frozenset[int], str], bool] = {}
+
+    # ---- the framed protocol's ops ------------------------------------------------------------
+
+    async def fast(self, op: int, body: bytes, peer: Peer) -> bytes:
+        """The body of the 200 answer to a framed SIGN, SIGN_BATCH or JWT (agent.framing)."""
+        path = "/v1/jwt" if op == framing.JWT else "/v1/sign"
         try:
-            response = await handler(request)
-        except ApiError as exc:
-            metrics.inc("keyquorum_requests_total", path=request.path, code=str(exc.status))
+            if op == framing.SIGN:
+                self._allow_peer(peer, "sign", path)
+                signer = await self._signer()
+                signature = await self._sign_one(signer, body)
+                answer = framing.encode_signed(signer.kid, signer.alg, signature)
+            elif op == framing.SIGN_BATCH:
+                self._allow_peer(peer, "sign", path)
+                payloads = framing.decode_batch(body, self.agent.config.socket.max_batch)
+                signer = await self._signer()
+                signatures = await self._sign_many(signer, payloads)
+                answer = framing.encode_signed_batch(signer.kid, signer.alg, signatures)
+            elif op == framing.JWT:
+                response = await self.jwt(Request("POST", path, "", (), body, peer))
+                answer = response.body
+            else:
+                raise ApiError(404, "unknown_op", f"no such framed operation: {op}")
+        except (ApiError, framing.FramingError) as exc:
+            self.agent.metrics.inc("keyquorum_requests_total", path=path, code=str(exc.status))
             raise
-        metrics.inc("keyquorum_requests_total", path=request.path, code=str(response.status))
-        return response
+        self.agent.metrics.inc("keyquorum_requests_total", path=path, code="200")
+        return answer
 
     # ---- signing -------------------------------------------------------------------------------
 
@@ -92,9 +112,7 @@ class Api:
         signer = await self._signer()
         if "payload" in body:
             payload = _b64_field(body["payload"], "payload")
-            with self.agent.metrics.timed("keyquorum_sign_seconds", alg=signer.alg):
-                signature = await _remote_guard(signer.sign_async(payload))
-            self.agent.metrics.inc("keyquorum_signatures_total", alg=signer.alg, kid=signer.kid)
+            signature = await self._sign_one(signer, payload)
             return json_response(
                 {"kid": signer.kid, "alg": signer.alg, "signature": b64url_encode(signature)}
             )
@@ -109,11 +127,38 @@ class Api:
                 413, "too_large", f"batch of {len(payloads)} exceeds socket.max_batch={limit}"
             )
         data = [_b64_field(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
-        signatures = [b64url_encode(await _remote_guard(signer.sign_async(d))) for d in data]
-        self.agent.metrics.inc(
-            "keyquorum_signatures_total", len(data), alg=signer.alg, kid=signer.kid
+        signatures = await self._sign_many(signer, data)
+        return json_response(
+            {
+                "kid": signer.kid,
+                "alg": signer.alg,
+                "signatures": [b64url_encode(s) for s in signatures],
+            }
         )
-        return json_response({"kid": signer.kid, "alg": signer.alg, "signatures": signatures})
+
+    async def _sign_one(self, signer: SigningKey, payload: bytes) -> bytes:
+        metrics = self.agent.metrics
+        started = time.perf_counter()
+        try:
+            if type(signer) is Signer:  # in memory: no await on the hot path
+                signature = signer.sign(payload)
+            else:
+                signature = await _remote_guard(signer.sign_async(payload))
+        finally:
+            metrics.observe("keyquorum_sign_seconds", time.perf_counter() - started, alg=signer.alg)
+        metrics.inc("keyquorum_signatures_total", alg=signer.alg, kid=signer.kid)
+        return signature
+
+    async def _sign_many(self, signer: SigningKey, payloads: list[bytes]) -> list[bytes]:
+        if type(signer) is Signer:
+            sign = signer.sign
+            signatures = [sign(p) for p in payloads]
+        else:
+            signatures = [await _remote_guard(signer.sign_async(p)) for p in payloads]
+        self.agent.metrics.inc(
+            "keyquorum_signatures_total", len(payloads), alg=signer.alg, kid=signer.kid
+        )
+        return signatures
 
     async def jwt(self, request: Request) -> Response:
         self._allow(request, "jwt")
@@ -160,6 +205,85 @@ class Api:
         token = await _remote_guard(encode_jwt_async(signer, {**claims, "iat": iat, "exp": exp}))
         self.agent.metrics.inc("keyquorum_jwts_total", kid=signer.kid)
         return json_response({"token": token, "kid": signer.kid, "expires_at": exp})
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    async def _signer(self) -> SigningKey:
+        """The current signer. While the agent is still starting (never ready yet, no problem
+        known: say, requests queued on a socket systemd held open across a restart), wait for
+        its first key a little instead of failing at once."""
+        agent = self.agent
+        if not agent.ready.is_set() and not agent.problems:
+            with trio.move_on_after(STARTUP_WAIT):
+                while not agent.ready.is_set() and not agent.problems:
+                    with trio.move_on_after(0.1):
+                        await agent.ready.wait()
+        try:
+            return agent.keyring.current(agent.clock())
+        except NotReady as exc:
+            agent.metrics.inc("keyquorum_sign_unavailable_total")
+            raise ApiError(503, "not_ready", f"cannot sign now: {exc}") from None
+
+    def _allow(self, request: Request, permission: str) -> None:
+        self._allow_peer(request.peer, permission, request.path)
+
+    def _allow_peer(self, peer: Peer, permission: str, path: str) -> None:
+        key = (peer.uid, peer.gid, peer.groups, permission)
+        allowed = self._decisions.get(key)
+        if allowed is None:
+            rule = getattr(self.agent.config.access, permission)
+            allowed = self._decisions[key] = bool(rule.allows(peer.uid, peer.gid, peer.groups))
+        if not allowed:
+            self._refused(peer, permission, path)
+            raise ApiError(
+                403,
+                "forbidden",
+                f"uid {peer.uid} (gid {peer.gid}, pid {peer.pid}) lacks the '{permission}' "
+                f"permission; grant it under [access.{permission}] in the agent config",
+            )
+
+    def _refused(self, peer: Peer, permission: str, path: str) -> None:
+        """Hook: the full API audits refused admin requests."""
+
+
+class Api(SigningApi):
+    """Every endpoint of DESIGN.md §5, on the agent itself."""
+
+    agent: Agent
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self.routes: dict[tuple[str, str], Handler] = {
+            ("POST", "/v1/sign"): self.sign,
+            ("POST", "/v1/jwt"): self.jwt,
+            ("GET", "/v1/jwks"): self.jwks,
+            ("GET", "/v1/status"): self.status,
+            ("GET", "/healthz"): self.healthz,
+            ("GET", "/metrics"): self.metrics,
+            ("POST", "/v1/admin/rotate"): self.rotate,
+            ("POST", "/v1/admin/rollback"): self.rollback,
+            ("POST", "/v1/admin/revoke"): self.revoke,
+            ("POST", "/v1/admin/import"): self.import_pem,
+        }
+        self.paths = {path for _, path in self.routes}
+
+    async def handle(self, request: Request) -> Response:
+        handler = self.routes.get((request.method, request.path))
+        metrics = self.agent.metrics
+        if handler is None:
+            metrics.inc("keyquorum_requests_total", path="other", code="404")
+            if request.path in self.paths:
+                raise ApiError(
+                    405, "method_not_allowed", f"{request.method} {request.path} is not supported"
+                )
+            raise ApiError(404, "not_found", f"no such endpoint: {request.path}")
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            metrics.inc("keyquorum_requests_total", path=request.path, code=str(exc.status))
+            raise
+        metrics.inc("keyquorum_requests_total", path=request.path, code=str(response.status))
+        return response
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -251,38 +375,10 @@ class Api:
         audit.record(f"admin_{action}", actor, outcome="done", **details)
         return result
 
-    # ---- helpers ------------------------------------------------------------------------------
-
-    async def _signer(self) -> Any:
-        """The current signer. While the agent is still starting (never ready yet, no problem
-        known: say, requests queued on a socket systemd held open across a restart), wait for
-        its first key a little instead of failing at once."""
-        agent = self.agent
-        if not agent.ready.is_set() and not agent.problems:
-            with trio.move_on_after(STARTUP_WAIT):
-                while not agent.ready.is_set() and not agent.problems:
-                    with trio.move_on_after(0.1):
-                        await agent.ready.wait()
-        try:
-            return agent.keyring.current(agent.clock())
-        except NotReady as exc:
-            agent.metrics.inc("keyquorum_sign_unavailable_total")
-            raise ApiError(503, "not_ready", f"cannot sign now: {exc}") from None
-
-    def _allow(self, request: Request, permission: str) -> None:
-        rule = getattr(self.agent.config.access, permission)
-        peer = request.peer
-        if not rule.allows(peer.uid, peer.gid, peer.groups):
-            if permission == "admin":
-                self.agent.audit.record(
-                    "admin_forbidden", _actor(request), outcome="forbidden", path=request.path
-                )
-            raise ApiError(
-                403,
-                "forbidden",
-                f"uid {peer.uid} (gid {peer.gid}, pid {peer.pid}) lacks the '{permission}' "
-                f"permission; grant it under [access.{permission}] in the agent config",
-            )
+    def _refused(self, peer: Peer, permission: str, path: str) -> None:
+        if permission == "admin":
+            actor = {"uid": peer.uid, "gid": peer.gid, "pid": peer.pid}
+            self.agent.audit.record("admin_forbidden", actor, outcome="forbidden", path=path)
 
 
 def _json_object(request: Request, *, allowed: set[str]) -> dict[str, Any]:

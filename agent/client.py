@@ -1,8 +1,13 @@
 """Python client of the agent's socket API (DESIGN.md §5): `Client` (sync) and `AsyncClient` (trio).
 
-Both keep one HTTP/1.1 keep-alive connection to the Unix socket. Errors from the agent arrive as
-`AgentError` (status, code, message from the JSON error body); a socket that is missing, refused
-or not permitted raises `AgentUnreachable`, naming the path and what to check.
+Both keep one connection to the Unix socket and speak the compact framed protocol
+(`agent.framing`): signing without HTTP or JSON, every other endpoint through its CALL op. An
+agent that predates it answers the preamble with HTTP 400; the client then falls back to
+HTTP/1.1 keep-alive for good (`protocol="http"` asks for HTTP from the start). One
+`AsyncClient` may be shared by many tasks: their requests are pipelined on the one connection.
+Errors from the agent arrive as `AgentError` (status, code, message from the JSON error body); a
+socket that is missing, refused or not permitted raises `AgentUnreachable`, naming the path and
+what to check.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import Any
 
 import h11
 import trio
+
+from agent import framing
 
 
 def b64url_encode(data: bytes) -> str:
@@ -128,11 +135,59 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+class _Framed:
+    """One framed connection (sync): requests answered in order."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        self.decoder = framing.ResponseDecoder()
+        self.preamble = framing.PREAMBLE  # sent with the first request
+        self.next_id = 1
+        self.used = False
+
+    def roundtrip(self, op: int, body: bytes) -> tuple[int, bytes]:
+        ident = self.next_id
+        self.next_id = (ident + 1) & 0xFFFFFFFF or 1
+        self.sock.sendall(self.preamble + framing.encode_request(op, ident, body))
+        self.preamble = b""
+        while True:
+            answer = self.decoder.next()
+            if answer is not None:
+                break
+            data = self.sock.recv(65536)
+            if not data:
+                raise _Disconnected
+            self.decoder.feed(data)
+            if not self.used and self.decoder.starts_like_http():
+                raise _NoFraming
+        self.used = True
+        got, status, payload = answer
+        if got != ident:
+            raise _Disconnected  # out of step: start over on a fresh connection
+        return status, payload
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Client:
-    def __init__(self, socket_path: str | Path, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, socket_path: str | Path, *, timeout: float = 10.0, protocol: str = "framed"
+    ) -> None:
+        if protocol not in ("framed", "http"):
+            raise ValueError("protocol must be 'framed' or 'http'")
         self.path = Path(socket_path)
         self.timeout = timeout
+        self.protocol = protocol
         self._conn: _UnixHTTPConnection | None = None
+        self._framed: _Framed | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -144,11 +199,72 @@ class Client:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._framed is not None:
+            self._framed.close()
+            self._framed = None
+
+    def _op(self, op: int, body: bytes) -> tuple[int, bytes]:
+        """One framed request: (status, body). Falls back to nothing: callers check protocol."""
+        for attempt in (1, 2):
+            fresh = self._framed is None
+            try:
+                if self._framed is None:
+                    self._framed = _Framed(self.path, self.timeout)
+                return self._framed.roundtrip(op, body)
+            except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+                self.close()
+                raise AgentUnreachable(self.path, exc.strerror or type(exc).__name__) from None
+            except (_Disconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.close()
+                if attempt == 1 and not fresh:
+                    continue  # the server closed an idle connection: retry once
+                raise AgentUnreachable(
+                    self.path, f"connection lost ({type(exc).__name__})"
+                ) from None
+            except OSError as exc:
+                self.close()
+                raise AgentUnreachable(self.path, str(exc)) from None
+            except ValueError as exc:  # a malformed answer
+                self.close()
+                raise AgentUnreachable(self.path, f"garbled answer ({exc})") from None
+        raise AssertionError("unreachable")
+
+    def _fast(self, op: int, body: bytes) -> bytes | None:
+        """The 200 body of a framed op; None if this agent only speaks HTTP."""
+        if self.protocol == "http":
+            return None
+        try:
+            status, payload = self._op(op, body)
+        except _NoFraming:
+            self.close()
+            self.protocol = "http"
+            return None
+        if status >= 400:
+            raise _error_from(status, payload)
+        return payload
 
     def _request(
         self, method: str, target: str, body: Any = None
     ) -> tuple[int, dict[str, str], bytes]:
         data = None if body is None else json.dumps(body).encode()
+        if self.protocol == "framed":
+            try:
+                status, payload = self._op(
+                    framing.CALL, framing.encode_call(method, target, data or b"")
+                )
+            except _NoFraming:
+                self.close()
+                self.protocol = "http"
+            else:
+                if status >= 400:
+                    return status, {}, payload
+                headers, payload = framing.decode_called(payload)
+                return status, headers, payload
+        return self._http(method, target, data)
+
+    def _http(
+        self, method: str, target: str, data: bytes | None
+    ) -> tuple[int, dict[str, str], bytes]:
         headers = {"Content-Type": "application/json"} if data is not None else {}
         for attempt in (1, 2):
             if self._conn is None:
@@ -183,14 +299,24 @@ class Client:
         return json.loads(payload)
 
     def sign(self, payload: bytes) -> SignResult:
+        answer = self._fast(framing.SIGN, payload)
+        if answer is not None:
+            return SignResult(*framing.decode_signed(answer))
         return _parse_sign(self._json("POST", "/v1/sign", _sign_body(payload)))
 
     def sign_batch(self, payloads: Sequence[bytes]) -> BatchSignResult:
+        answer = self._fast(framing.SIGN_BATCH, framing.encode_batch(list(payloads)))
+        if answer is not None:
+            return BatchSignResult(*framing.decode_signed_batch(answer))
         body = {"payloads": [b64url_encode(p) for p in payloads]}
         return _parse_batch(self._json("POST", "/v1/sign", body))
 
     def jwt(self, claims: Mapping[str, Any], ttl_seconds: int | None = None) -> JwtResult:
-        return _parse_jwt(self._json("POST", "/v1/jwt", _jwt_body(claims, ttl_seconds)))
+        body = _jwt_body(claims, ttl_seconds)
+        answer = self._fast(framing.JWT, json.dumps(body).encode())
+        if answer is not None:
+            return _parse_jwt(json.loads(answer))
+        return _parse_jwt(self._json("POST", "/v1/jwt", body))
 
     def jwks(self) -> dict[str, Any]:
         return self.jwks_with_max_age()[0]
@@ -230,13 +356,35 @@ class Client:
 # ---- trio ---------------------------------------------------------------------------------------
 
 
+class _Slot:
+    __slots__ = ("answer",)
+
+    def __init__(self) -> None:
+        self.answer: tuple[int, bytes] | None = None
+
+
 class AsyncClient:
-    def __init__(self, socket_path: str | Path, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, socket_path: str | Path, *, timeout: float = 10.0, protocol: str = "framed"
+    ) -> None:
+        if protocol not in ("framed", "http"):
+            raise ValueError("protocol must be 'framed' or 'http'")
         self.path = Path(socket_path)
         self.timeout = timeout
+        self.protocol = protocol
         self._stream: trio.SocketStream | None = None
         self._conn: h11.Connection | None = None
-        self._lock = trio.Lock()
+        self._lock = trio.Lock()  # HTTP: one request at a time
+        # Framed: requests from many tasks pipelined on one connection. A task sends under
+        # `_send_lock`, then reads answers under `_receive_lock` until its own has arrived,
+        # handing the others' to their slots (trio's locks are fair: each waiter gets a turn).
+        self._send_lock = trio.Lock()
+        self._receive_lock = trio.Lock()
+        self._decoder = framing.ResponseDecoder()
+        self._waiting: dict[int, _Slot] = {}
+        self._next_id = 1
+        self._generation = 0  # bumped on every reconnect: stale waiters see it and retry
+        self._answered = False
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -252,6 +400,8 @@ class AsyncClient:
     async def aclose(self) -> None:
         if self._stream is not None:
             stream, self._stream, self._conn = self._stream, None, None
+            self._generation += 1
+            self._waiting.clear()
             await stream.aclose()
 
     async def _connect(self) -> None:
@@ -261,11 +411,114 @@ class AsyncClient:
             raise AgentUnreachable(self.path, exc.strerror or type(exc).__name__) from None
         except OSError as exc:
             raise AgentUnreachable(self.path, str(exc)) from None
-        self._conn = h11.Connection(h11.CLIENT)
+        if self.protocol == "framed":
+            self._decoder = framing.ResponseDecoder()
+            self._answered = False
+            await self._stream.send_all(framing.PREAMBLE)
+        else:
+            self._conn = h11.Connection(h11.CLIENT)
+
+    # ---- framed ----------------------------------------------------------------------------------
+
+    async def _op(self, op: int, body: bytes) -> tuple[int, bytes]:
+        for attempt in (1, 2):
+            try:
+                with trio.fail_after(self.timeout):
+                    return await self._roundtrip(op, body)
+            except _Retry as retry:
+                if attempt == 1 and not retry.fresh:
+                    continue  # the server closed an idle connection: retry once
+                raise AgentUnreachable(self.path, f"connection lost ({retry.reason})") from None
+            except trio.TooSlowError:
+                await self.aclose()
+                raise AgentUnreachable(self.path, f"no answer within {self.timeout}s") from None
+        raise AssertionError("unreachable")
+
+    async def _roundtrip(self, op: int, body: bytes) -> tuple[int, bytes]:
+        async with self._send_lock:
+            fresh = self._stream is None
+            if fresh:
+                await self._connect()
+            stream, generation = self._stream, self._generation
+            assert stream is not None
+            ident = self._next_id
+            self._next_id = (ident + 1) & 0xFFFFFFFF or 1
+            slot = self._waiting[ident] = _Slot()
+            try:
+                await stream.send_all(framing.encode_request(op, ident, body))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                await self.aclose()
+                raise _Retry(fresh, type(exc).__name__) from None
+        try:
+            while True:
+                async with self._receive_lock:
+                    answer = slot.answer  # another task may have read it for us
+                    if answer is not None:
+                        return answer
+                    if self._generation != generation:
+                        raise _Retry(fresh, "reconnected")
+                    await self._receive_one(stream, fresh)
+        finally:
+            self._waiting.pop(ident, None)
+
+    async def _receive_one(self, stream: trio.SocketStream, fresh: bool) -> None:
+        """Read until one answer is complete and hand it to its slot."""
+        while True:
+            try:
+                answer = self._decoder.next()
+            except ValueError as exc:
+                await self.aclose()
+                raise _Retry(fresh, f"garbled answer: {exc}") from None
+            if answer is not None:
+                self._answered = True
+                ident, status, payload = answer
+                slot = self._waiting.get(ident)
+                if slot is not None:  # else: its caller gave up (cancelled)
+                    slot.answer = (status, payload)
+                return
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                await self.aclose()
+                raise _Retry(fresh, type(exc).__name__) from None
+            if not data:
+                await self.aclose()
+                raise _Retry(fresh, "closed by the agent")
+            self._decoder.feed(data)
+            if not self._answered and self._decoder.starts_like_http():
+                await self.aclose()
+                raise _NoFraming
+
+    async def _fast(self, op: int, body: bytes) -> bytes | None:
+        if self.protocol == "http":
+            return None
+        try:
+            status, payload = await self._op(op, body)
+        except _NoFraming:
+            self.protocol = "http"
+            return None
+        if status >= 400:
+            raise _error_from(status, payload)
+        return payload
+
+    # ---- HTTP ------------------------------------------------------------------------------------
 
     async def _request(
         self, method: str, target: str, body: Any = None
     ) -> tuple[int, dict[str, str], bytes]:
+        if self.protocol == "framed":
+            data = b"" if body is None else json.dumps(body).encode()
+            try:
+                status, payload = await self._op(
+                    framing.CALL, framing.encode_call(method, target, data)
+                )
+            except _NoFraming:
+                self.protocol = "http"
+            else:
+                if status >= 400:
+                    return status, {}, payload
+                headers, payload = framing.decode_called(payload)
+                return status, headers, payload
         async with self._lock:
             for attempt in (1, 2):
                 fresh = self._stream is None
@@ -339,14 +592,24 @@ class AsyncClient:
         return json.loads(payload)
 
     async def sign(self, payload: bytes) -> SignResult:
+        answer = await self._fast(framing.SIGN, payload)
+        if answer is not None:
+            return SignResult(*framing.decode_signed(answer))
         return _parse_sign(await self._json("POST", "/v1/sign", _sign_body(payload)))
 
     async def sign_batch(self, payloads: Sequence[bytes]) -> BatchSignResult:
+        answer = await self._fast(framing.SIGN_BATCH, framing.encode_batch(list(payloads)))
+        if answer is not None:
+            return BatchSignResult(*framing.decode_signed_batch(answer))
         body = {"payloads": [b64url_encode(p) for p in payloads]}
         return _parse_batch(await self._json("POST", "/v1/sign", body))
 
     async def jwt(self, claims: Mapping[str, Any], ttl_seconds: int | None = None) -> JwtResult:
-        return _parse_jwt(await self._json("POST", "/v1/jwt", _jwt_body(claims, ttl_seconds)))
+        body = _jwt_body(claims, ttl_seconds)
+        answer = await self._fast(framing.JWT, json.dumps(body).encode())
+        if answer is not None:
+            return _parse_jwt(json.loads(answer))
+        return _parse_jwt(await self._json("POST", "/v1/jwt", body))
 
     async def jwks(self) -> dict[str, Any]:
         return (await self.jwks_with_max_age())[0]
@@ -385,3 +648,14 @@ class AsyncClient:
 
 class _Disconnected(Exception):
     pass
+
+
+class _Retry(Exception):
+    def __init__(self, fresh: bool, reason: str) -> None:
+        super().__init__(reason)
+        self.fresh = fresh
+        self.reason = reason
+
+
+class _NoFraming(Exception):
+    """The agent answered the framed preamble with HTTP: it predates the framed protocol."""

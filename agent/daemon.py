@@ -141,9 +141,11 @@ class Agent:
         inherited = listen_sockets()
         if inherited:
             log.info("serving the socket(s) systemd passed: %s", ", ".join(sorted(inherited)))
+        api = Api(self)
         server = UnixHttpServer(
-            Api(self).handle,
+            api.handle,
             self.config.socket.path,
+            fast=api.fast,
             inherited=inherited.get("api"),
             mode=self.config.socket.mode,
             gid=_group_id(self.config.socket.group),

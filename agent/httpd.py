@@ -5,6 +5,10 @@ keep-alive and pipelined requests answered in order, size limits enforced before
 JSON errors for malformed HTTP, per-connection peer credentials (SO_PEERCRED), exclusive
 ownership of the socket path (a second server is refused, a stale socket file replaced), and a
 graceful stop that lets in-flight requests finish and removes the socket.
+
+The same socket also speaks the compact framed protocol of `agent.framing`, told apart by the
+connection's first byte. Its CALL op reaches the same handler as HTTP; the other ops go to the
+`fast` handler the agent plugs in (signing without HTTP or JSON on the hot path).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any
 
 import h11
 import trio
+
+from agent import framing
 
 log = logging.getLogger("keyquorum.httpd")
 
@@ -81,6 +87,8 @@ class SocketInUse(Exception):
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# (op, body, peer) -> the body of a 200 answer, or ApiError / framing.FramingError.
+FastHandler = Callable[[int, bytes, Peer], Awaitable[bytes]]
 
 
 def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> Peer:
@@ -114,10 +122,13 @@ class UnixHttpServer:
         idle_timeout: float = 60.0,
         drain_timeout: float = 10.0,
         inherited: socket.socket | None = None,
+        fast: FastHandler | None = None,
     ) -> None:
-        """`inherited`: a listening socket passed by systemd socket activation; it is used as
-        is (systemd owns its path, mode and group, and keeps it across agent restarts)."""
+        """`inherited`: a listening socket passed by systemd socket activation (or by the agent
+        to its worker processes); it is used as is (its owner keeps its path, mode and group).
+        `fast`: the framed protocol's SIGN, SIGN_BATCH and JWT ops (without it they get 404)."""
         self.handler = handler
+        self.fast = fast
         self.inherited = inherited
         self.path = Path(path)
         self.mode = mode
@@ -132,6 +143,9 @@ class UnixHttpServer:
         self._stopping = trio.Event()
         self._busy = 0
         self._idle_changed = trio.Event()
+        # The listening socket once `serve` has it (worker processes share it).
+        self.listen_socket: socket.socket | None = None
+        self.listening = trio.Event()
 
     # ---- socket ownership --------------------------------------------------------------------
 
@@ -187,9 +201,11 @@ class UnixHttpServer:
                 raise ValueError("the socket passed by systemd is not a Unix stream socket")
         else:
             lock_fd, raw = self._acquire()
+        self.listen_socket = raw
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
         try:
             async with trio.open_nursery() as connections:
+                self.listening.set()
                 task_status.started()
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(self._accept_loop, listener, connections)
@@ -241,8 +257,17 @@ class UnixHttpServer:
             except OSError:
                 await stream.aclose()
                 return
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
             async with stream:
+                first = b""
+                with trio.move_on_after(self.idle_timeout):
+                    first = await stream.receive_some(_RECEIVE)
+                if not first:
+                    return
+                if first[0] == framing.FIRST_BYTE:
+                    await self._serve_framed(stream, peer, first)
+                    return
+                conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+                conn.receive_data(first)
                 await self._serve_connection(stream, conn, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -385,6 +410,81 @@ class UnixHttpServer:
             await stream.send_all(data)
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+    # ---- the framed protocol ------------------------------------------------------------------
+
+    async def _serve_framed(self, stream: trio.SocketStream, peer: Peer, first: bytes) -> None:
+        """Answer every complete frame that has arrived, in order, with one send; a frame that
+        loses the framing is answered (after those before it) and ends the connection."""
+        decoder = framing.RequestDecoder(self.max_body_bytes)
+        decoder.feed(first)
+        while True:
+            answers: list[bytes] = []
+            fatal = False
+            self._set_busy(+1)
+            try:
+                while True:
+                    try:
+                        frame = decoder.next()
+                    except framing.FramingError as exc:
+                        answers.append(framing.encode_error(0, exc.status, exc.code, exc.message))
+                        fatal = True
+                        break
+                    if frame is None:
+                        break
+                    answers.append(await self._answer_frame(frame, peer))
+                    self.requests_total += 1
+                if answers:
+                    await stream.send_all(b"".join(answers))
+            finally:
+                self._set_busy(-1)
+            if fatal or (self._stopping.is_set() and not decoder.pending):
+                return
+            with trio.move_on_after(self.idle_timeout):
+                data = await stream.receive_some(_RECEIVE)
+                if not data:
+                    return
+                decoder.feed(data)
+                continue
+            return  # idle for idle_timeout
+
+    async def _answer_frame(self, frame: framing.Frame | framing.Oversized, peer: Peer) -> bytes:
+        if isinstance(frame, framing.Oversized):
+            return framing.encode_error(
+                frame.id,
+                413,
+                "too_large",
+                f"request body of {frame.length} bytes exceeds the limit of "
+                f"{self.max_body_bytes} (socket.max_request_bytes)",
+            )
+        try:
+            if frame.op == framing.CALL:
+                method, target, body = framing.decode_call(frame.body)
+                path, _, query = target.partition("?")
+                request = Request(method, path, query, (), body, peer)
+                response = await self._dispatch(request)
+                return framing.encode_response(
+                    frame.id,
+                    response.status,
+                    framing.encode_called(
+                        (("content-type", response.content_type), *response.headers),
+                        response.body,
+                    )
+                    if response.status < 400
+                    else response.body,
+                )
+            if frame.op not in framing.OPS or self.fast is None:
+                raise ApiError(404, "unknown_op", f"no such framed operation: {frame.op}")
+            return framing.encode_response(
+                frame.id, 200, await self.fast(frame.op, frame.body, peer)
+            )
+        except (ApiError, framing.FramingError) as exc:
+            return framing.encode_error(frame.id, exc.status, exc.code, exc.message)
+        except Exception:
+            log.exception("internal error handling framed op %s", frame.op)
+            return framing.encode_error(
+                frame.id, 500, "internal", "internal error; see the agent log"
+            )
 
 
 class _Closed(Exception):
