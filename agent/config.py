@@ -61,6 +61,9 @@ class SocketConfig:
     group: str | None = None
     max_request_bytes: int = 1 << 20
     max_batch: int = 1024
+    # Processes serving the socket: the agent itself plus `workers - 1` worker processes that
+    # share its listening socket (agent/workers.py); 1 = the agent process alone.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +209,7 @@ _TOP = {
 }
 _TIMING_FIELDS = frozenset(f.name for f in dataclasses.fields(Timing))
 _SECTIONS: dict[str, set[str]] = {
-    "socket": {"path", "mode", "group", "max_request_bytes", "max_batch"},
+    "socket": {"path", "mode", "group", "max_request_bytes", "max_batch", "workers"},
     "keys": {"algorithm", *_TIMING_FIELDS},
     "jwt": {"issuer", "default_ttl", "audience"},
     "access": set(PERMISSIONS),
@@ -419,7 +422,10 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str], base: Path) -> AgentC
             sock.get("max_request_bytes", 1 << 20), "socket.max_request_bytes", 256
         ),
         max_batch=_int_setting(sock.get("max_batch", 1024), "socket.max_batch"),
+        workers=_int_setting(sock.get("workers", 1), "socket.workers"),
     )
+    if socket_config.workers > 256:
+        raise ConfigError("socket.workers: at most 256 (about one per core is what helps)")
 
     keys = _section(raw, "keys")
     algorithm = keys.pop("algorithm", "ES256")
@@ -513,6 +519,11 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str], base: Path) -> AgentC
             else state_dir / "kek"
         )
         backend.setdefault("create_kek", True)
+    if backend_mode == "remote" and socket_config.workers > 1:
+        raise ConfigError(
+            "socket.workers: worker processes sign with keys held in memory; with "
+            "backend.mode = 'remote' every signature is a KMS/HSM call: set socket.workers = 1"
+        )
     backend_config = BackendConfig(kind=backend_kind, options=backend, mode=backend_mode)
 
     return AgentConfig(

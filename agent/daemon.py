@@ -164,6 +164,11 @@ class Agent:
                 nursery.start_soon(self._systemd_loop)
                 nursery.start_soon(self._audit_loop)
                 nursery.start_soon(self._confirm_loop)
+                if self.config.socket.workers > 1:
+                    from agent.workers import WorkerPool
+
+                    pool = WorkerPool(self, api.handle, server, self.config.socket.workers)
+                    nursery.start_soon(pool.run)
                 if self.config.jwks is not None:
                     from agent.jwks_http import JwksListener
 
