@@ -12,6 +12,7 @@ import binascii
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -42,6 +43,7 @@ from consensus.store import StoreError
 
 T = TypeVar("T")
 STARTUP_WAIT = 10.0  # seconds a request made during start-up waits for the first key
+PARALLEL_BATCH = 16  # Ed25519 batches at least this long sign on two threads
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -73,6 +75,7 @@ class SigningApi:
         # Access decisions by (uid, gid, groups, permission): the policy is fixed for the
         # agent's lifetime, and the framed hot path should not re-walk it on every request.
         self._decisions: dict[tuple[int, int, frozenset[int], str], bool] = {}
+        self._thread: ThreadPoolExecutor | None = None  # for batches that sign in parallel
 
     # ---- the framed protocol's ops ------------------------------------------------------------
 
@@ -152,13 +155,26 @@ class SigningApi:
     async def _sign_many(self, signer: SigningKey, payloads: list[bytes]) -> list[bytes]:
         if type(signer) is Signer:
             sign = signer.sign
-            signatures = [sign(p) for p in payloads]
+            if signer.alg == "EdDSA" and len(payloads) >= PARALLEL_BATCH:
+                # Ed25519 signing releases the GIL: a helper thread signs the first half while
+                # this one signs the rest (a thread hand-off costs about one signature).
+                half = len(payloads) // 2
+                first = self._helper().submit(lambda: [sign(p) for p in payloads[:half]])
+                rest = [sign(p) for p in payloads[half:]]
+                signatures = first.result() + rest
+            else:
+                signatures = [sign(p) for p in payloads]
         else:
             signatures = [await _remote_guard(signer.sign_async(p)) for p in payloads]
         self.agent.metrics.inc(
             "keyquorum_signatures_total", len(payloads), alg=signer.alg, kid=signer.kid
         )
         return signatures
+
+    def _helper(self) -> ThreadPoolExecutor:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="keyquorum-sign")
+        return self._thread
 
     async def jwt(self, request: Request) -> Response:
         self._allow(request, "jwt")

@@ -289,3 +289,16 @@ async def test_clients_fall_back_to_http_when_the_agent_predates_framing(short_t
 
         await trio.to_thread.run_sync(sync)
         server.shutdown()
+
+
+async def test_a_long_eddsa_batch_signs_on_two_threads_in_payload_order(short_tmp: Path) -> None:
+    config = config_for(short_tmp, keys={**QUIET_KEYS, "algorithm": "EdDSA"})
+    async with running(config), AsyncClient(config.socket.path) as client:
+        jwks = await client.jwks()
+        payloads = [f"payload {i}".encode() for i in range(40)]
+        batch = await client.sign_batch(payloads)
+        key = next(k for k in jwks["keys"] if k["kid"] == batch.kid)
+        assert batch.alg == "EdDSA" and len(batch.signatures) == 40
+        assert all(
+            verify_signature(key, p, s) for p, s in zip(payloads, batch.signatures, strict=True)
+        )
