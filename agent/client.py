@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
@@ -357,10 +358,11 @@ class Client:
 
 
 class _Slot:
-    __slots__ = ("answer",)
+    __slots__ = ("answer", "wake")
 
     def __init__(self) -> None:
         self.answer: tuple[int, bytes] | None = None
+        self.wake: trio.Event | None = None  # set while its task waits for someone to read
 
 
 class AsyncClient:
@@ -372,16 +374,20 @@ class AsyncClient:
         self.path = Path(socket_path)
         self.timeout = timeout
         self.protocol = protocol
+        # HTTP: a trio stream and h11, one request at a time.
         self._stream: trio.SocketStream | None = None
         self._conn: h11.Connection | None = None
-        self._lock = trio.Lock()  # HTTP: one request at a time
-        # Framed: requests from many tasks pipelined on one connection. A task sends under
-        # `_send_lock`, then reads answers under `_receive_lock` until its own has arrived,
-        # handing the others' to their slots (trio's locks are fair: each waiter gets a turn).
-        self._send_lock = trio.Lock()
-        self._receive_lock = trio.Lock()
+        self._lock = trio.Lock()
+        # Framed: requests from many tasks pipelined on one connection, without locks on the
+        # way. Whoever finds nobody sending sends, and flushes what others queue meanwhile;
+        # whoever finds nobody reading reads, hands each answer to its slot (waking its task),
+        # and on leaving wakes a waiting task to read next.
+        self._sock: socket.socket | None = None
         self._decoder = framing.ResponseDecoder()
         self._waiting: dict[int, _Slot] = {}
+        self._outbox: list[bytes] = []
+        self._sending = False
+        self._reading = False
         self._next_id = 1
         self._generation = 0  # bumped on every reconnect: stale waiters see it and retry
         self._answered = False
@@ -398,11 +404,23 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._drop()
         if self._stream is not None:
             stream, self._stream, self._conn = self._stream, None, None
-            self._generation += 1
-            self._waiting.clear()
             await stream.aclose()
+
+    def _drop(self) -> None:
+        """Close the framed connection; every task waiting on it retries or fails."""
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            self._generation += 1
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            for slot in self._waiting.values():
+                if slot.wake is not None:
+                    slot.wake.set()
+            self._waiting.clear()
+            self._outbox.clear()
 
     async def _connect(self) -> None:
         try:
@@ -411,12 +429,33 @@ class AsyncClient:
             raise AgentUnreachable(self.path, exc.strerror or type(exc).__name__) from None
         except OSError as exc:
             raise AgentUnreachable(self.path, str(exc)) from None
-        if self.protocol == "framed":
-            self._decoder = framing.ResponseDecoder()
-            self._answered = False
-            await self._stream.send_all(framing.PREAMBLE)
-        else:
-            self._conn = h11.Connection(h11.CLIENT)
+        self._conn = h11.Connection(h11.CLIENT)
+
+    async def _connect_framed(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            try:
+                sock.connect(str(self.path))
+            except BlockingIOError:  # the listen backlog is full: wait for room
+                await trio.lowlevel.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error)) from None
+        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+            sock.close()
+            raise AgentUnreachable(self.path, exc.strerror or type(exc).__name__) from None
+        except OSError as exc:
+            sock.close()
+            raise AgentUnreachable(self.path, str(exc)) from None
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._decoder = framing.ResponseDecoder()
+        self._answered = False
+        self._outbox = [framing.PREAMBLE]
+        return sock
 
     # ---- framed ----------------------------------------------------------------------------------
 
@@ -430,44 +469,76 @@ class AsyncClient:
                     continue  # the server closed an idle connection: retry once
                 raise AgentUnreachable(self.path, f"connection lost ({retry.reason})") from None
             except trio.TooSlowError:
-                await self.aclose()
+                self._drop()
                 raise AgentUnreachable(self.path, f"no answer within {self.timeout}s") from None
         raise AssertionError("unreachable")
 
     async def _roundtrip(self, op: int, body: bytes) -> tuple[int, bytes]:
-        async with self._send_lock:
-            fresh = self._stream is None
-            if fresh:
-                await self._connect()
-            stream, generation = self._stream, self._generation
-            assert stream is not None
-            ident = self._next_id
-            self._next_id = (ident + 1) & 0xFFFFFFFF or 1
-            slot = self._waiting[ident] = _Slot()
-            try:
-                await stream.send_all(framing.encode_request(op, ident, body))
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                await self.aclose()
-                raise _Retry(fresh, type(exc).__name__) from None
+        fresh = self._sock is None
+        sock = self._sock if self._sock is not None else await self._connect_framed()
+        generation = self._generation
+        ident = self._next_id
+        self._next_id = (ident + 1) & 0xFFFFFFFF or 1
+        slot = self._waiting[ident] = _Slot()
         try:
+            self._outbox.append(framing.encode_request(op, ident, body))
+            if not self._sending:
+                await self._flush(sock, fresh)
             while True:
-                async with self._receive_lock:
-                    answer = slot.answer  # another task may have read it for us
-                    if answer is not None:
-                        return answer
-                    if self._generation != generation:
-                        raise _Retry(fresh, "reconnected")
-                    await self._receive_one(stream, fresh)
+                answer = slot.answer
+                if answer is not None:
+                    return answer
+                if self._generation != generation:
+                    raise _Retry(fresh, "reconnected")
+                if self._reading:
+                    slot.wake = trio.Event()
+                    await slot.wake.wait()
+                    slot.wake = None
+                    continue
+                self._reading = True
+                try:
+                    while slot.answer is None and self._generation == generation:
+                        await self._receive_one(sock, fresh)
+                finally:
+                    self._reading = False
+                    self._wake_a_reader()
         finally:
-            self._waiting.pop(ident, None)
+            if self._waiting.get(ident) is slot:
+                del self._waiting[ident]
 
-    async def _receive_one(self, stream: trio.SocketStream, fresh: bool) -> None:
+    async def _flush(self, sock: socket.socket, fresh: bool) -> None:
+        self._sending = True
+        try:
+            while self._outbox:
+                data = b"".join(self._outbox)
+                self._outbox.clear()
+                view = memoryview(data)
+                while view:
+                    try:
+                        sent = sock.send(view)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+                        continue
+                    except (OSError, trio.ClosedResourceError) as exc:
+                        self._drop()
+                        raise _Retry(fresh, type(exc).__name__) from None
+                    view = view[sent:]
+        finally:
+            self._sending = False
+
+    def _wake_a_reader(self) -> None:
+        for slot in self._waiting.values():
+            if slot.answer is None and slot.wake is not None:
+                slot.wake.set()
+                return
+
+    async def _receive_one(self, sock: socket.socket, fresh: bool) -> None:
         """Read until one answer is complete and hand it to its slot."""
         while True:
             try:
                 answer = self._decoder.next()
             except ValueError as exc:
-                await self.aclose()
+                self._drop()
                 raise _Retry(fresh, f"garbled answer: {exc}") from None
             if answer is not None:
                 self._answered = True
@@ -475,18 +546,23 @@ class AsyncClient:
                 slot = self._waiting.get(ident)
                 if slot is not None:  # else: its caller gave up (cancelled)
                     slot.answer = (status, payload)
+                    if slot.wake is not None:
+                        slot.wake.set()
                 return
             try:
-                data = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                await self.aclose()
+                data = sock.recv(65536)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except (OSError, trio.ClosedResourceError) as exc:
+                self._drop()
                 raise _Retry(fresh, type(exc).__name__) from None
             if not data:
-                await self.aclose()
+                self._drop()
                 raise _Retry(fresh, "closed by the agent")
             self._decoder.feed(data)
             if not self._answered and self._decoder.starts_like_http():
-                await self.aclose()
+                self._drop()
                 raise _NoFraming
 
     async def _fast(self, op: int, body: bytes) -> bytes | None:
