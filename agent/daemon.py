@@ -146,6 +146,7 @@ class Agent:
             api.handle,
             self.config.socket.path,
             fast=api.fast,
+            instant=api.sign_now,
             inherited=inherited.get("api"),
             mode=self.config.socket.mode,
             gid=_group_id(self.config.socket.group),

@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import select
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -89,6 +90,8 @@ class SocketInUse(Exception):
 Handler = Callable[[Request], Awaitable[Response]]
 # (op, body, peer) -> the body of a 200 answer, or ApiError / framing.FramingError.
 FastHandler = Callable[[int, bytes, Peer], Awaitable[bytes]]
+# The same without waiting, or None when the request needs `fast` (or the HTTP handler).
+InstantHandler = Callable[[int, bytes, Peer], bytes | None]
 
 
 def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> Peer:
@@ -123,12 +126,17 @@ class UnixHttpServer:
         drain_timeout: float = 10.0,
         inherited: socket.socket | None = None,
         fast: FastHandler | None = None,
+        instant: InstantHandler | None = None,
     ) -> None:
         """`inherited`: a listening socket passed by systemd socket activation (or by the agent
         to its worker processes); it is used as is (its owner keeps its path, mode and group).
         `fast`: the framed protocol's SIGN, SIGN_BATCH and JWT ops (without it they get 404)."""
         self.handler = handler
         self.fast = fast
+        self.instant = instant
+        # The framed connections the reactor task answers while they ask only `instant` things.
+        self._epoll: select.epoll | None = None
+        self._reacting: dict[int, _FramedConnection] = {}
         self.inherited = inherited
         self.path = Path(path)
         self.mode = mode
@@ -205,6 +213,9 @@ class UnixHttpServer:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
         try:
             async with trio.open_nursery() as connections:
+                if self.instant is not None:
+                    self._epoll = select.epoll()
+                    connections.start_soon(self._reactor, self._epoll)
                 self.listening.set()
                 task_status.started()
                 async with trio.open_nursery() as accepting:
@@ -224,6 +235,9 @@ class UnixHttpServer:
                 await trio.aclose_forcefully(listener)
             if lock_fd >= 0:
                 self._release(lock_fd)
+            if self._epoll is not None:
+                self._epoll.close()
+                self._epoll = None
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -420,11 +434,82 @@ class UnixHttpServer:
         # CPU as the signature. `raw` shares the stream's fd (not a dup) and is detached after.
         raw = socket.socket(fileno=stream.socket.fileno())
         try:
-            await self._framed_loop(raw, peer, first)
+            if self._epoll is None:
+                await self._framed_loop(raw, peer, first)
+            else:
+                await self._framed_with_reactor(_FramedConnection(raw, peer, self), first)
         except OSError:
             pass  # the peer went away
         finally:
             raw.detach()
+
+    async def _framed_with_reactor(self, conn: _FramedConnection, first: bytes) -> None:
+        """This task answers what needs waiting (JWT, CALL, a KMS signature, a frame error);
+        in between, the connection belongs to the reactor, which answers signatures made in
+        memory for every such connection in one task, without a task switch per request."""
+        conn.decoder.feed(first)
+        epoll = self._epoll
+        assert epoll is not None
+        while True:
+            if conn.unsent:
+                data, conn.unsent = conn.unsent, b""
+                await _send_all(conn.raw, data)
+            if conn.closed:
+                return
+            busy = conn.pending is not None or conn.decoder.pending
+            if busy and not await self._answer_buffered(conn):
+                return
+            if self._stopping.is_set():
+                return
+            conn.handed_back = trio.Event()
+            self._reacting[conn.fd] = conn
+            epoll.register(conn.fd, select.EPOLLIN)
+            try:
+                while not conn.handed_back.is_set():
+                    with trio.move_on_after(self.idle_timeout):
+                        await conn.handed_back.wait()
+                    if trio.current_time() - conn.active > self.idle_timeout:
+                        return  # idle
+            finally:
+                if self._reacting.pop(conn.fd, None) is not None:
+                    epoll.unregister(conn.fd)
+
+    async def _answer_buffered(self, conn: _FramedConnection) -> bool:
+        """Answer the frames already received, waiting as they need; False: close."""
+        answers: list[bytes] = []
+        self._set_busy(+1)
+        try:
+            while True:
+                frame = conn.pending
+                conn.pending = None
+                if frame is None:
+                    try:
+                        frame = conn.decoder.next()
+                    except framing.FramingError as exc:
+                        answers.append(framing.encode_error(0, exc.status, exc.code, exc.message))
+                        await _send_all(conn.raw, b"".join(answers))
+                        return False
+                if frame is None:
+                    break
+                answers.append(await self._answer_frame(frame, conn.peer))
+                self.requests_total += 1
+            if answers:
+                await _send_all(conn.raw, b"".join(answers))
+        finally:
+            self._set_busy(-1)
+        return True
+
+    async def _reactor(self, epoll: select.epoll) -> None:
+        """Answer, for every framed connection handed to it, what `instant` can answer."""
+        reacting = self._reacting
+        while True:
+            await trio.lowlevel.wait_readable(epoll.fileno())
+            for fd, _ in epoll.poll(0):
+                conn = reacting.get(fd)
+                if conn is not None and conn.react():
+                    del reacting[fd]
+                    epoll.unregister(fd)
+                    conn.handed_back.set()
 
     async def _framed_loop(self, raw: socket.socket, peer: Peer, first: bytes) -> None:
         """Answer every complete frame that has arrived, in order, with one send; a frame that
@@ -515,6 +600,87 @@ class UnixHttpServer:
             return framing.encode_error(
                 frame.id, 500, "internal", "internal error; see the agent log"
             )
+
+
+class _FramedConnection:
+    """A framed connection's state, shared by its own task and the reactor."""
+
+    __slots__ = ("active", "closed", "decoder", "fd", "handed_back", "peer", "pending", "raw",
+                 "server", "unsent")  # fmt: skip
+
+    def __init__(self, raw: socket.socket, peer: Peer, server: UnixHttpServer) -> None:
+        self.raw = raw
+        self.fd = raw.fileno()
+        self.peer = peer
+        self.server = server
+        self.decoder = framing.RequestDecoder(server.max_body_bytes)
+        self.pending: framing.Frame | framing.Oversized | None = None  # for the task to answer
+        self.unsent = b""  # answers the socket would not take at once: the task sends them
+        self.closed = False
+        self.active = trio.current_time()
+        self.handed_back = trio.Event()
+
+    def react(self) -> bool:
+        """Read and answer what arrived; True: hand the connection back to its task."""
+        try:
+            data = self.raw.recv(_RECEIVE)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.closed = True
+            return True
+        if not data:
+            self.closed = True
+            return True
+        self.active = trio.current_time()
+        decoder = self.decoder
+        decoder.feed(data)
+        instant = self.server.instant
+        assert instant is not None
+        answers: list[bytes] = []
+        back = False
+        while True:
+            try:
+                frame = decoder.next()
+            except framing.FramingError:
+                back = True  # the task answers it (after these) and closes
+                break
+            if frame is None:
+                break
+            if isinstance(frame, framing.Frame):
+                try:
+                    body = instant(frame.op, frame.body, self.peer)
+                except (ApiError, framing.FramingError) as exc:
+                    answers.append(
+                        framing.encode_error(frame.id, exc.status, exc.code, exc.message)
+                    )
+                    self.server.requests_total += 1
+                    continue
+                except Exception:
+                    log.exception("internal error handling framed op %s", frame.op)
+                    error = "internal error; see the agent log"
+                    answers.append(framing.encode_error(frame.id, 500, "internal", error))
+                    continue
+                if body is not None:
+                    answers.append(framing.encode_response(frame.id, 200, body))
+                    self.server.requests_total += 1
+                    continue
+            self.pending = frame  # needs waiting: the task answers it and what follows
+            back = True
+            break
+        if answers:
+            data = b"".join(answers)
+            try:
+                sent = self.raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.closed = True
+                return True
+            if sent < len(data):
+                self.unsent = data[sent:]
+                back = True
+        return back
 
 
 async def _send_all(raw: socket.socket, data: bytes) -> None:

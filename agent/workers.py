@@ -279,6 +279,7 @@ class Worker:
             inherited=listen,
             max_body_bytes=config.socket.max_request_bytes,
             fast=self.api.fast,
+            instant=self.api.sign_now,
         )
         self._waiting: dict[int, tuple[trio.Event, list[Response]]] = {}
         self._next_id = 0

@@ -302,3 +302,50 @@ async def test_a_long_eddsa_batch_signs_on_two_threads_in_payload_order(short_tm
         assert all(
             verify_signature(key, p, s) for p, s in zip(payloads, batch.signatures, strict=True)
         )
+
+
+async def test_frames_needing_a_wait_amid_instant_ones_keep_their_order(short_tmp: Path) -> None:
+    # After its first request a connection is answered by the server's reactor task, which
+    # hands it back to the connection's own task for anything that must wait (a JWT, a CALL,
+    # an error frame) and takes it again afterwards: answers must stay in request order.
+    config = config_for(
+        short_tmp, keys=QUIET_KEYS, sections={"socket": {"max_request_bytes": 1024}}
+    )
+    async with running(config):
+        stream = await trio.open_unix_socket(str(config.socket.path))
+        decoder = framing.ResponseDecoder()
+
+        async def answers(count: int) -> list[tuple[int, int, bytes]]:
+            got = []
+            with trio.fail_after(5):
+                while len(got) < count:
+                    while (answer := decoder.next()) is not None:
+                        got.append(answer)
+                    if len(got) < count:
+                        decoder.feed(await stream.receive_some(65536))
+            return got
+
+        async with stream:
+            await stream.send_all(framing.PREAMBLE + framing.encode_request(framing.SIGN, 1, b"a"))
+            assert [s for _, s, _ in await answers(1)] == [200]
+            for round_ in range(3):
+                base = 10 * (round_ + 1)
+                await stream.send_all(
+                    b"".join(
+                        [
+                            framing.encode_request(framing.SIGN, base + 1, b"b"),
+                            framing.encode_request(framing.JWT, base + 2, b'{"claims":{}}'),
+                            framing.encode_request(framing.SIGN_BATCH, base + 3,
+                                                   framing.encode_batch([b"c", b"d"])),
+                            framing.encode_request(framing.CALL, base + 4, b"GET /healthz\n"),
+                            framing.encode_request(42, base + 5, b""),
+                            framing.encode_request(framing.SIGN, base + 6, b"e" * 2000),
+                            framing.encode_request(framing.SIGN, base + 7, b"f"),
+                        ]
+                    )
+                )  # fmt: skip
+                got = await answers(7)
+                assert [(i - base, s) for i, s, _ in got] == [
+                    (1, 200), (2, 200), (3, 200), (4, 200), (5, 404), (6, 413), (7, 200),
+                ]  # fmt: skip
+                assert "token" in json.loads(got[1][2])
