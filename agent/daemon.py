@@ -47,11 +47,11 @@ from agent.policy import (
     PolicyRefusal,
     apply_plan_edits,
     evaluate,
-    jwks_max_age,
     published_keys,
     rollback_to,
     rotate_now,
     signing_key,
+    vouched_max_age,
 )
 from agent.policy import revoke as policy_revoke
 from agent.policy import rollback as policy_rollback
@@ -280,26 +280,19 @@ class Agent:
             self.confirmed_at = sent
 
     def jwks_view(self) -> tuple[dict[str, Any], int]:
-        """The JWKS and the max-age this agent can vouch for, or NotReady.
-
-        A key this agent has not seen was created after `confirmed_at`, so it activates no
-        earlier than confirmed_at + grace_period (give or take the clock skew on both sides):
-        a verifier may cache this JWKS only until then, and once that moment has passed this
-        agent must not serve a JWKS at all (a partitioned agent would otherwise hand verifiers
-        a key set that misses the key the rest of the cluster signs with)."""
+        """The JWKS and the max-age this agent can vouch for (`policy.vouched_max_age`), or
+        NotReady once its view of the key set is too old to vouch for any."""
         now = self.clock()
         keyset = self.keyring.keyset
-        timing = self.timing
-        max_age = jwks_max_age(keyset, now, timing)
-        if self.confirmed_at is not None:
-            budget = self.confirmed_at + timing.grace_period - 2 * timing.max_clock_skew - now
-            if budget <= 0:
-                raise NotReady(
-                    f"this agent's view of the key set was last confirmed "
-                    f"{(now - self.confirmed_at) / 1000:.1f}s ago (the store is unreachable "
-                    "from here), so it cannot vouch for a JWKS; fetch it from another node"
-                )
-            max_age = min(max_age, budget // 1000)  # 0: use it now, do not cache it
+        max_age = vouched_max_age(keyset, now, self.timing, self.confirmed_at)
+        if max_age is None:
+            if keyset is None or self.confirmed_at is None:
+                raise NotReady("no key set loaded yet: the key-set store has not been read")
+            raise NotReady(
+                f"this agent's view of the key set was last confirmed "
+                f"{(now - self.confirmed_at) / 1000:.1f}s ago (the store is unreachable "
+                "from here), so it cannot vouch for a JWKS; fetch it from another node"
+            )
         keys = [dict(r.jwk) for r in published_keys(keyset, now)]
         return {"keys": keys}, max_age
 
@@ -606,7 +599,7 @@ class Agent:
                 self._member_reports = await self.election.members()
             now = self.clock()
             keyset = self.keyring.keyset
-            plan = evaluate(keyset, now, self.timing, self.members(now))
+            plan = evaluate(keyset, now, self.timing, self.members(now), self.keyring.seen)
             self.last_plan = plan
             if plan.actions:
                 log.info("leader: %s", plan.reason)

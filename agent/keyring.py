@@ -36,10 +36,15 @@ class Keyring:
         self.signers: dict[str, SigningKey] = {}
         self._choice: Choice | None = None
         self._horizon = -1
+        self.seen: dict[str, int] = {}  # kid -> when this agent first saw it in a key set
 
     def install(self, keyset: KeySet, now: int) -> None:
         """Adopt a newer key set; forget signers of keys that can no longer sign."""
         self.keyset = keyset
+        kids = {r.kid for r in keyset.keys}
+        self.seen = {kid: at for kid, at in self.seen.items() if kid in kids}
+        for kid in kids:
+            self.seen.setdefault(kid, now)
         keep = {r.kid for r in keys_to_load(keyset, now)}
         for kid in list(self.signers):
             if kid not in keep:

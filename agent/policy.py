@@ -176,6 +176,32 @@ def jwks_max_age(keyset: KeySet | None, now: int, timing: Timing) -> int:
     return max(1, limit // SECOND)
 
 
+def vouched_max_age(
+    keyset: KeySet | None, now: int, timing: Timing, confirmed_at: int | None
+) -> int | None:
+    """The JWKS max-age (whole seconds; 0: use it now, do not cache it) an agent whose view of the
+    key set was last confirmed current at `confirmed_at` can vouch for; None when it cannot vouch
+    for a JWKS at all.
+
+    A key this agent has not seen was created after `confirmed_at`, so it activates no earlier
+    than confirmed_at + grace_period (give or take the clock skew on both sides): a verifier may
+    cache this JWKS only until then, and past that moment the agent must not serve one (a
+    partitioned agent would hand verifiers a key set missing the key the others sign with).
+    `confirmed_at` None: a single node, whose own view is the truth. No key set at all (the
+    store has not been read yet): nothing to vouch for — an empty JWKS cached by a verifier
+    would fail every token for its max-age (found by the simulation: an agent restarted during
+    an etcd quorum loss served one)."""
+    if keyset is None:
+        return None
+    max_age = jwks_max_age(keyset, now, timing)
+    if confirmed_at is None:
+        return max_age
+    budget = confirmed_at + timing.grace_period - 2 * timing.max_clock_skew - now
+    if budget <= 0:
+        return None
+    return min(max_age, budget // SECOND)
+
+
 # ---- the leader's decisions --------------------------------------------------------------------
 
 
@@ -184,9 +210,15 @@ def evaluate(
     now: int,
     timing: Timing,
     members: Mapping[str, MemberView] | None = None,
+    seen: Mapping[str, int] | None = None,
 ) -> Plan:
     """Decide what the leader must do at `now`. `members` None means membership is not tracked
-    (every gate passes); otherwise it maps each live member's id to its report."""
+    (every gate passes); otherwise it maps each live member's id to its report. `seen` maps kids
+    to when this agent first saw them in a committed key set (`Keyring.seen`): a pending key
+    activates no earlier than a grace period after that either, because a record can reach the
+    store well after its created_at (a slow KMS call, or a leader paused between creating the
+    key and writing it whose lease etcd renewed meanwhile; found by the simulation), and the
+    grace period is there for verifier caches to pick the key up."""
     actions: list[Action] = []
     notes: list[str] = []
     records = keyset.keys if keyset is not None else ()
@@ -223,7 +255,8 @@ def evaluate(
             )
             earliest = record.created_at + timing.grace_period
             if not missing:
-                at = max(now, earliest)
+                published = max(record.created_at, (seen or {}).get(record.kid, 0))
+                at = max(now, published + timing.grace_period)
                 actions.append(
                     Activate(
                         record.kid,

@@ -26,6 +26,7 @@ from agent.policy import (
     rollback_to,
     rotate_now,
     signing_key,
+    vouched_max_age,
 )
 from agent.timing import SECOND, Timing, TimingError
 
@@ -414,3 +415,33 @@ def test_timing_that_breaks_a_relation_is_refused_naming_it(
 
     with pytest.raises(TimingError, match=relation.replace("(", r"\(")):
         dataclasses.replace(Timing(), **change).validate()
+
+
+def test_a_key_published_late_still_waits_a_whole_grace_period_after_it_was_seen() -> None:
+    """A leader paused between creating a key and writing it (its lease renewed by an etcd
+    leader change) publishes a record whose created_at is old: the grace period, which is there
+    for verifier caches, counts from when the key was first seen in the key set."""
+    leader = started()
+    due = T0 + FAST.key_ttl - FAST.rotation_threshold
+    leader.tick(due)
+    assert leader.keyset is not None
+    pending = leader.keyset.keys[-1]
+    everyone = frozenset(r.kid for r in leader.keyset.keys)
+    members = {"a": MemberView("a", everyone, "k1")}
+    seen_late = due + FAST.grace_period - SECOND  # the write landed this late
+    (activate,) = evaluate(
+        leader.keyset, seen_late, FAST, members, {pending.kid: seen_late}
+    ).actions
+    assert activate == Activate(pending.kid, seen_late + FAST.grace_period, activate.reason)
+    (on_time,) = evaluate(leader.keyset, seen_late, FAST, members, {pending.kid: due}).actions
+    assert isinstance(on_time, Activate) and on_time.at == due + FAST.grace_period
+
+
+def test_no_key_set_means_no_jwks_to_vouch_for() -> None:
+    """An empty JWKS cached by a verifier would fail every token for its max-age."""
+    assert vouched_max_age(None, T0, FAST, None) is None
+    assert vouched_max_age(None, T0, FAST, T0) is None
+    leader = started()
+    assert vouched_max_age(leader.keyset, T0, FAST, None) == jwks_max_age(leader.keyset, T0, FAST)
+    stale = T0 - FAST.grace_period + 2 * FAST.max_clock_skew
+    assert vouched_max_age(leader.keyset, T0, FAST, stale) is None
