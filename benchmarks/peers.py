@@ -97,7 +97,7 @@ class SshAgent:
             for alg in ("ES256", "EdDSA"):
                 add, blob = ssh_key(alg)
                 sock.sendall(add)
-                reply = _read_message(sock)
+                reply = read_message(sock)
                 if reply[0] != SSH_AGENT_SUCCESS:
                     raise RuntimeError(f"ssh-agent refused the {alg} key")
                 self.blobs[alg] = blob
@@ -120,7 +120,7 @@ class SshAgent:
         self.stop()
 
 
-def _read_message(sock: socket.socket) -> bytes:
+def read_message(sock: socket.socket) -> bytes:
     data = b""
     while len(data) < 4:
         data += sock.recv(4 - len(data))

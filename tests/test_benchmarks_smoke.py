@@ -40,6 +40,9 @@ def test_the_throughput_table_has_every_row_with_peers_and_targets(tmp_path: Pat
             "agent, 1 connection, 16 pipelined",
             "agent, batch 64",
             "agent x2 processes, 16 connections",
+            "agent, 16 client processes",
+            "agent x2 processes, 16 client processes",
+            "ssh-agent, 16 client processes",
             "ssh-agent, 16 connections",
             "OpenBao transit, 16 connections",
             "OpenBao transit, batch 64",
@@ -48,7 +51,7 @@ def test_the_throughput_table_has_every_row_with_peers_and_targets(tmp_path: Pat
     assert all(r["ops"] > 0 and r["ratio"] > 0 and r["failures"] == 0 for r in rows)
     assert all(r["server_cpu_us"] is not None for r in rows if "raw" not in r["case"])
     targets = report["targets"]
-    assert isinstance(targets, list) and len(targets) == 12
+    assert isinstance(targets, list) and len(targets) == 24
     assert "ssh-agent, 16 connections" in stdout and "targets:" in stdout
 
 
