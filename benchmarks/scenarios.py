@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import tempfile
@@ -225,6 +226,7 @@ def cluster(directory: Path, *, quick: bool = False) -> dict[str, Any]:
             )
     finally:
         etcd.stop()
+        shutil.rmtree(root, ignore_errors=True)
     return result
 
 
@@ -331,6 +333,7 @@ def fanout(directory: Path, *, quick: bool = False, members: int = 100) -> dict[
         result = trio.run(_fanout, etcd.endpoints, etcd_pids, members, 3 if quick else 20)
     finally:
         etcd.stop()
+        shutil.rmtree(root, ignore_errors=True)
     _say(
         f"watch fan-out ({members} members, single-member etcd, {result['writes']} key-set "
         f"writes): all watches delivered in median {result['delivered_ms_p50']:.1f} ms "
