@@ -680,7 +680,12 @@ class Agent:
             )
             await trio.sleep(self.fault_commit_delay)
         try:
-            with self.metrics.timed("keyquorum_store_seconds", op="compare_and_swap"):
+            # A store that never answers must not hold the leader (and its write lock) forever;
+            # on a timeout the write may still have landed: the next CAS conflicts and adopts it.
+            with (
+                self.metrics.timed("keyquorum_store_seconds", op="compare_and_swap"),
+                trio.fail_after(self.backend_timeout),
+            ):
                 revision = await self.store.compare_and_swap(expected, dump_keyset(keyset))
         except FencedOut as exc:
             # Our term is over (DESIGN.md §9.3): stop all leader work at once.

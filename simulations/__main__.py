@@ -53,6 +53,8 @@ def main() -> int:
     except (Violation, AssertionError, Flaky) as exc:
         violations = 1
         print(f"VIOLATION: {exc}")
+        for note in getattr(exc, "__notes__", []):
+            print(note)
     elapsed = time.perf_counter() - started
     print(
         f"profile {args.profile}: examples {stats['examples']}, events {stats['events']:,} "

@@ -64,6 +64,7 @@ from agent.policy import (
 from agent.timing import SECOND, Timing
 
 R = TypeVar("R")
+KMS_DEADLINE = 10 * SECOND  # backends.calls.DEFAULT_DEADLINE
 SEALED_SCHEME = "sim-sealed-v1"
 START = 600 * SECOND  # true time when a run begins (clocks skewed back still read positive)
 
@@ -422,12 +423,21 @@ class Cluster:
     def reaches_etcd(self, agent: SimAgent) -> bool:
         return self.etcd.up and self.time >= agent.partitioned_until
 
-    def reaches_kms(self, agent: SimAgent) -> bool:
+    def kms_call(self, agent: SimAgent) -> int | None:
+        """One backend operation as `backends.calls.with_retries` makes it: throttled attempts
+        are retried after a jittered, doubling backoff within the call's deadline. Returns how
+        long the call takes, or None if it fails (unreachable, or out of time)."""
         if self.time < self.kms_down_until or self.time < agent.kms_cut_until:
-            return False
-        if self.time < self.kms_throttle_until:
-            return self.random.random() >= self.kms_throttle_rate
-        return True
+            return None
+        took, backoff = self.kms_latency, 50
+        while self.time + took < self.kms_throttle_until:
+            if self.random.random() >= self.kms_throttle_rate:
+                break
+            took += self.random.randint(0, backoff) + self.kms_latency
+            backoff = min(2 * backoff, 2 * SECOND)
+            if took > KMS_DEADLINE:
+                return None
+        return took
 
     def rpc(
         self,
@@ -478,6 +488,24 @@ class Cluster:
             self.liveness_failure(message + " (it activated before its grace period was over)")
         else:
             self.safety_failure(message)
+
+    def describe(self, agent: SimAgent) -> str:
+        """The agent's key set as it sees it, relative to its own clock."""
+        now = self.local(agent)
+        lines = [
+            f"  {agent.node} (skew {agent.skew} ms, revision {agent.revision}, started "
+            f"{agent.started}, loading {sorted(k[:8] for k in agent.loading)}, KMS cut for "
+            f"{max(0, agent.kms_cut_until - self.time)} ms, KMS down for "
+            f"{max(0, self.kms_down_until - self.time)} ms) holds:"
+        ]
+        for r in agent.keyring.keyset.keys if agent.keyring.keyset else ():
+            activate = "-" if r.activate_at is None else f"{r.activate_at - now:+}"
+            lines.append(
+                f"    {r.kid[:8]} created {r.created_at - now:+} activate {activate} deactivate "
+                f"{r.deactivate_at - now:+} expires {r.expires_at - now:+} "
+                f"{'loaded' if r.kid in agent.keyring.signers else 'NOT loaded'}"
+            )
+        return "\n".join(lines)
 
     def history(self) -> str:
         lines = [f"  seed {self.seed}; faults so far:"]
@@ -531,7 +559,14 @@ class Cluster:
         if leader is None:
             self.liveness_failure(
                 f"t={self.time}: progress: no leader {self.time - healed} ms after the last "
-                "fault healed"
+                f"fault healed\n  etcd leader {self.etcd.leader}, up {self.etcd.members_up()}, "
+                f"leases {self.etcd.leases}\n"
+                + "\n".join(
+                    f"  {a.node}: lease {a.lease} valid {a.lease_valid_until - self.time:+} term "
+                    f"{a.term} partitioned {a.partitioned_until - self.time:+} paused "
+                    f"{a.paused_until - self.time:+} alive {a.alive} inc {a.incarnation}"
+                    for a in self.agents.values()
+                )
             )
             return
         doc = self.current_keyset()
@@ -682,7 +717,10 @@ class Cluster:
         """daemon._loader_loop: unwrap what the keyring misses (through this node's KMS path)."""
         for record in agent.keyring.missing(self.local(agent)):
             kid = record.kid
-            if kid in agent.loading or not self.reaches_kms(agent):
+            if kid in agent.loading:
+                continue
+            took = self.kms_call(agent)
+            if took is None:
                 continue
             agent.loading.add(kid)
 
@@ -692,7 +730,7 @@ class Cluster:
                     agent.keyring.add_signer(FakeSigner(kid))  # type: ignore[arg-type]
                 self.mark_started(agent)
 
-            self.on(agent, self.kms_latency, done)
+            self.on(agent, took, done)
         self.mark_started(agent)
 
     def mark_started(self, agent: SimAgent) -> None:
@@ -751,7 +789,8 @@ class Cluster:
         if not actions:
             return delay
         creates = [a for a in actions if isinstance(a, CreateKey)]
-        if creates and not self.reaches_kms(agent):
+        took = self.kms_call(agent) if creates else 0
+        if took is None:
             return min(delay, 200)  # rotation postponed: the KMS is unreachable
         base = keyset or KeySet()
         records = list(apply_plan_edits(base, actions))
@@ -770,7 +809,7 @@ class Cluster:
                 self.pause(agent.node, length, targeted=True)
             self.on(agent, 0, lambda: self.commit(agent, expected, doc, fence, new))
 
-        self.on(agent, self.kms_latency if creates else 0, commit)
+        self.on(agent, took, commit)
         return delay
 
     def new_record(self, action: CreateKey, now: int) -> KeyRecord:
@@ -868,7 +907,10 @@ class Cluster:
         try:
             kid = agent.keyring.current(self.local(agent)).kid
         except NotReady as exc:
-            self.liveness_failure(f"t={self.time}: availability: {agent.node} cannot sign: {exc}")
+            self.liveness_failure(
+                f"t={self.time}: availability: {agent.node} cannot sign: {exc}\n"
+                + self.describe(agent)
+            )
             return
         self.signatures += 1
         first_use = kid not in self.published_at or kid not in self.sign_log
@@ -960,9 +1002,12 @@ class Cluster:
                 )
             )
 
+        crashes = agent.incarnation
+
         def restart() -> None:
-            agent.alive = True
-            self.boot(agent)
+            if agent.incarnation == crashes:  # not crashed again (nor restarted) since
+                agent.alive = True
+                self.boot(agent)
 
         self.at(self.time + downtime, restart)
 
