@@ -52,6 +52,7 @@ def effective(config: AgentConfig) -> dict[str, Any]:
             **({"group": socket.group} if socket.group else {}),
             "max_request_bytes": socket.max_request_bytes,
             "max_batch": socket.max_batch,
+            "workers": socket.workers,
         },
         "access": {
             name: {"uids": sorted(rule.uids), "gids": sorted(rule.gids)}

@@ -28,9 +28,10 @@ def config_check(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
 
 
 def test_the_printed_configuration_loads_back_as_the_same_one(short_tmp: Path) -> None:
-    config = write_config(short_tmp, keys=FAST_KEYS)
+    config = write_config(short_tmp, keys=FAST_KEYS, sections={"socket": {"workers": 2}})
     result = config_check("--config", str(config), env={"KEYQUORUM_KEYS__ALGORITHM": "EdDSA"})
     assert result.returncode == 0, result.stderr
+    assert "workers = 2" in result.stdout
     assert 'algorithm = "EdDSA"' in result.stdout  # environment overrides are applied
     printed = short_tmp / "printed.toml"
     printed.write_text(result.stdout)

@@ -4,6 +4,9 @@ faults inside the budget, and a fault beyond it is reported with the bound it br
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 from hypothesis import Phase, settings
@@ -151,3 +154,19 @@ def test_the_state_machine_finds_each_planted_bug_on_its_own(bugs: Bugs) -> None
                 phases=[Phase.generate],  # finding is the claim here; `--planted` also shrinks
             ),
         )
+
+
+def test_the_command_line_prints_its_figures() -> None:
+    """`python -m simulations`, as the README runs it (a few examples)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "simulations", "--examples", "3", "--steps", "10"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(
+        r"profile ci: examples \d+, events [\d,]+ \([\d,]+/s\), simulated", done.stdout
+    )
+    assert "violations 0" in done.stdout
