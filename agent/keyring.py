@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from agent.crypto import SigningKey
 from agent.keyset import KeyRecord, KeySet
-from agent.policy import keys_to_load, signing_schedule
+from agent.policy import keys_to_load, signing_key, signing_schedule
 
 
 class NotReady(Exception):
@@ -58,8 +58,16 @@ class Keyring:
         self._horizon = -1
 
     def missing(self, now: int) -> tuple[KeyRecord, ...]:
-        """Records this agent must unwrap and does not hold yet."""
-        return tuple(r for r in keys_to_load(self.keyset, now) if r.kid not in self.signers)
+        """Records this agent must unwrap and does not hold yet: first the one the policy says
+        signs now, then the newest (a restarted agent on a slow KMS must not spend its time on
+        a key that is about to stop signing while the one that replaces it waits)."""
+        wanted = signing_key(self.keyset, now)
+        return tuple(
+            sorted(
+                (r for r in keys_to_load(self.keyset, now) if r.kid not in self.signers),
+                key=lambda r: (wanted is None or r.kid != wanted.kid, -r.created_at),
+            )
+        )
 
     @property
     def loaded(self) -> frozenset[str]:

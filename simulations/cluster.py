@@ -734,13 +734,18 @@ class Cluster:
         self.mark_started(agent)
 
     def mark_started(self, agent: SimAgent) -> None:
+        """A (re)started agent is owed availability once it holds the key the policy names: the
+        keyring's fallback to an older loaded key keeps a *running* agent signing when a new key
+        will not load, but an agent that restarts moments before its fallback stops signing,
+        with the KMS throttling, may briefly have neither (the daemon loads the named key first
+        to keep that window short)."""
         if agent.started:
             return
         try:
-            agent.keyring.current(self.local(agent))
+            choice = agent.keyring.choice(self.local(agent))
         except NotReady:
             return
-        agent.started = True
+        agent.started = choice.signer.kid == choice.preferred
 
     def member(self, agent: SimAgent) -> MemberView:
         try:
