@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -98,6 +98,17 @@ def make_agent(config: AgentConfig, store: MemoryStore) -> Agent:
     )
 
 
+@contextlib.asynccontextmanager
+async def running(agent: Agent) -> AsyncIterator[Agent]:
+    """The agent's whole shell in a nursery, once it is ready to sign; shut down on the way out."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        with trio.fail_after(30):
+            await agent.ready.wait()
+        yield agent
+        agent.shutdown()
+
+
 def autojump(main: Callable[[], Awaitable[None]]) -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
@@ -123,11 +134,7 @@ def test_a_broken_watch_resumes_from_its_revision_and_misses_nothing(short_tmp: 
     store = TroubledStore()
 
     async def main() -> None:
-        agent = make_agent(config, store)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(agent.run)
-            with trio.fail_after(30):
-                await agent.ready.wait()
+        async with running(make_agent(config, store)) as agent:
             keyset = agent.keyring.keyset
             assert keyset is not None
             store.window = (trio.current_time(), trio.current_time() + 4)
@@ -143,7 +150,6 @@ def test_a_broken_watch_resumes_from_its_revision_and_misses_nothing(short_tmp: 
                     await trio.sleep(0.05)
             assert agent.keyring.keyset is not None
             assert agent.keyring.keyset.last_change["by"] == "op"
-            agent.shutdown()
 
     autojump(main)
 
@@ -157,11 +163,7 @@ def test_store_calls_that_hang_time_out_and_signing_goes_on(short_tmp: Path) -> 
     store.mode = "hang"
 
     async def main() -> None:
-        agent = make_agent(config, store)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(agent.run)
-            with trio.fail_after(30):
-                await agent.ready.wait()
+        async with running(make_agent(config, store)) as agent:
             # From just before the first successor is due (30 s after the first key).
             start = trio.current_time() + 27
             store.window = (start, start + 8)
@@ -175,7 +177,6 @@ def test_store_calls_that_hang_time_out_and_signing_goes_on(short_tmp: Path) -> 
             keyset = agent.keyring.keyset
             assert keyset is not None and len(keyset.keys) >= 2  # the successor was written
             agent.jwks_view()
-            agent.shutdown()
 
     autojump(main)
 
@@ -188,29 +189,19 @@ def test_cancelled_in_the_middle_of_a_write_a_restarted_agent_carries_on(short_t
     store.mode = "hang"
 
     async def main() -> None:
-        agent = make_agent(config, store)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(agent.run)
-            with trio.fail_after(30):
-                await agent.ready.wait()
+        async with running(make_agent(config, store)):
             before = await MemoryStore.get(store)
             attempted = store.writes_attempted
             store.window = (trio.current_time() + 29, 1e9)  # the successor's write hangs
             with trio.fail_after(60):
                 while store.writes_attempted == attempted or not store.troubled():
                     await trio.sleep(0.5)
-            agent.shutdown()
         assert (await MemoryStore.get(store)) == before  # nothing half-written
         store.window = (0.0, 0.0)
-        again = make_agent(config, store)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(again.run)
-            with trio.fail_after(30):
-                await again.ready.wait()
+        async with running(make_agent(config, store)) as again:
             await sign_until(again, trio.current_time() + 40)
             keyset = again.keyring.keyset
             assert keyset is not None and keyset.generation > 1
-            again.shutdown()
 
     autojump(main)
 
@@ -230,16 +221,11 @@ def outage_inside_the_budget(tmp: Path, start: int, length: int) -> None:
     store = TroubledStore()
 
     async def main() -> None:
-        agent = make_agent(config, store)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(agent.run)
-            with trio.fail_after(30):
-                await agent.ready.wait()
+        async with running(make_agent(config, store)) as agent:
             now = trio.current_time()
             store.window = (now + start / 1000, now + (start + length) / 1000)
             used = await sign_until(agent, now + 150, every=0.25)
             assert store.calls_in_trouble > 0
             assert len(used) >= 5  # a successor every 30 s: the outage did not stall rotation
-            agent.shutdown()
 
     autojump(main)
