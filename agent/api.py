@@ -212,6 +212,12 @@ class SigningApi:
         )
         return signatures
 
+    def close(self) -> None:
+        """Stop the batch-signing helper thread (if one was started)."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
     def _helper(self) -> ThreadPoolExecutor:
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="keyquorum-sign")

@@ -155,7 +155,7 @@ class Agent:
         self.server = server
         self._shutdown = server.shutdown
         await self._initial_load()
-        with unwrap_single():
+        with unwrap_single(), contextlib.closing(api):
             async with trio.open_nursery() as nursery:
                 if self.election is not None:
                     await nursery.start(self.election.run)

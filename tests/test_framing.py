@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,9 @@ async def test_a_long_eddsa_batch_signs_on_two_threads_in_payload_order(short_tm
         assert all(
             verify_signature(key, p, s) for p, s in zip(payloads, batch.signatures, strict=True)
         )
+        assert any(t.name.startswith("keyquorum-sign") for t in threading.enumerate())
+    # The helper thread stops with the agent.
+    assert not any(t.name.startswith("keyquorum-sign") for t in threading.enumerate())
 
 
 async def test_frames_needing_a_wait_amid_instant_ones_keep_their_order(short_tmp: Path) -> None:
