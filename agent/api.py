@@ -77,6 +77,17 @@ class SigningApi:
         self._decisions: dict[tuple[int, int, frozenset[int], str], bool] = {}
         self._thread: ThreadPoolExecutor | None = None  # for batches that sign in parallel
 
+    async def counted(self, handler: Handler, request: Request) -> Response:
+        """Answer `request` with `handler`, counting the answer in keyquorum_requests_total."""
+        metrics = self.agent.metrics
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            metrics.inc("keyquorum_requests_total", path=request.path, code=str(exc.status))
+            raise
+        metrics.inc("keyquorum_requests_total", path=request.path, code=str(response.status))
+        return response
+
     # ---- the framed protocol's ops ------------------------------------------------------------
 
     async def fast(self, op: int, body: bytes, peer: Peer) -> bytes:
@@ -340,13 +351,7 @@ class Api(SigningApi):
                     405, "method_not_allowed", f"{request.method} {request.path} is not supported"
                 )
             raise ApiError(404, "not_found", f"no such endpoint: {request.path}")
-        try:
-            response = await handler(request)
-        except ApiError as exc:
-            metrics.inc("keyquorum_requests_total", path=request.path, code=str(exc.status))
-            raise
-        metrics.inc("keyquorum_requests_total", path=request.path, code=str(response.status))
-        return response
+        return await self.counted(handler, request)
 
     # ---- reading ----------------------------------------------------------------------------
 

@@ -18,11 +18,11 @@ import json
 import os
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import h11
 import trio
@@ -57,6 +57,9 @@ class JwtResult:
     token: str
     kid: str
     expires_at: int
+
+
+_T = TypeVar("_T")
 
 
 class AgentError(Exception):
@@ -206,28 +209,45 @@ class Client:
 
     def _op(self, op: int, body: bytes) -> tuple[int, bytes]:
         """One framed request: (status, body). Falls back to nothing: callers check protocol."""
-        for attempt in (1, 2):
-            fresh = self._framed is None
+
+        def roundtrip() -> tuple[int, bytes]:
             try:
                 if self._framed is None:
                     self._framed = _Framed(self.path, self.timeout)
                 return self._framed.roundtrip(op, body)
-            except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+            except ValueError as exc:  # a malformed answer
                 self.close()
-                raise AgentUnreachable(self.path, exc.strerror or type(exc).__name__) from None
-            except (_Disconnected, BrokenPipeError, ConnectionResetError) as exc:
+                raise AgentUnreachable(self.path, f"garbled answer ({exc})") from None
+
+        return self._attempt(
+            roundtrip,
+            lambda: self._framed is None,
+            (_Disconnected, BrokenPipeError, ConnectionResetError),
+        )
+
+    def _attempt(
+        self,
+        call: Callable[[], _T],
+        is_fresh: Callable[[], bool],
+        lost: tuple[type[BaseException], ...],
+    ) -> _T:
+        """Run `call` on this client's connection. Socket errors close it and become
+        AgentUnreachable; a `lost` connection that was not fresh (the server closed it while it
+        sat idle) is retried once on a new one."""
+        for attempt in (1, 2):
+            fresh = is_fresh()
+            try:
+                return call()
+            except lost as exc:
                 self.close()
                 if attempt == 1 and not fresh:
-                    continue  # the server closed an idle connection: retry once
+                    continue
                 raise AgentUnreachable(
                     self.path, f"connection lost ({type(exc).__name__})"
                 ) from None
             except OSError as exc:
                 self.close()
-                raise AgentUnreachable(self.path, str(exc)) from None
-            except ValueError as exc:  # a malformed answer
-                self.close()
-                raise AgentUnreachable(self.path, f"garbled answer ({exc})") from None
+                raise _unreachable(self.path, exc) from None
         raise AssertionError("unreachable")
 
     def _fast(self, op: int, body: bytes) -> bytes | None:
@@ -267,31 +287,22 @@ class Client:
         self, method: str, target: str, data: bytes | None
     ) -> tuple[int, dict[str, str], bytes]:
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        for attempt in (1, 2):
+
+        def exchange() -> tuple[int, dict[str, str], bytes]:
             if self._conn is None:
                 self._conn = _UnixHTTPConnection(self.path, self.timeout)
-            fresh = self._conn.sock is None
-            try:
-                self._conn.request(method, target, body=data, headers=headers)
-                response = self._conn.getresponse()
-                payload = response.read()
-            except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-                self.close()
-                raise AgentUnreachable(self.path, exc.strerror or type(exc).__name__) from None
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                self.close()
-                if attempt == 1 and not fresh:
-                    continue  # the server closed an idle keep-alive connection: retry once
-                raise AgentUnreachable(
-                    self.path, f"connection lost ({type(exc).__name__})"
-                ) from None
-            except OSError as exc:
-                self.close()
-                raise AgentUnreachable(self.path, str(exc)) from None
+            self._conn.request(method, target, body=data, headers=headers)
+            response = self._conn.getresponse()
+            payload = response.read()
             if response.will_close:
                 self.close()
             return response.status, {k.lower(): v for k, v in response.getheaders()}, payload
-        raise AssertionError("unreachable")
+
+        return self._attempt(
+            exchange,
+            lambda: self._conn is None or self._conn.sock is None,
+            (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError),
+        )
 
     def _json(self, method: str, target: str, body: Any = None) -> Any:
         status, _, payload = self._request(method, target, body)
@@ -425,10 +436,8 @@ class AsyncClient:
     async def _connect(self) -> None:
         try:
             self._stream = await trio.open_unix_socket(str(self.path))
-        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-            raise AgentUnreachable(self.path, exc.strerror or type(exc).__name__) from None
         except OSError as exc:
-            raise AgentUnreachable(self.path, str(exc)) from None
+            raise _unreachable(self.path, exc) from None
         self._conn = h11.Connection(h11.CLIENT)
 
     async def _connect_framed(self) -> socket.socket:
@@ -442,12 +451,9 @@ class AsyncClient:
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if error:
                     raise OSError(error, os.strerror(error)) from None
-        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-            sock.close()
-            raise AgentUnreachable(self.path, exc.strerror or type(exc).__name__) from None
         except OSError as exc:
             sock.close()
-            raise AgentUnreachable(self.path, str(exc)) from None
+            raise _unreachable(self.path, exc) from None
         except BaseException:
             sock.close()
             raise
@@ -720,6 +726,13 @@ class AsyncClient:
 
     async def import_pem(self, pem: bytes, alg: str | None = None) -> dict[str, Any]:
         return dict(await self._json("POST", "/v1/admin/import", {"pem": pem.decode(), "alg": alg}))
+
+
+def _unreachable(path: Path, exc: OSError) -> AgentUnreachable:
+    """The error for a socket that cannot be connected to or used."""
+    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError, PermissionError)):
+        return AgentUnreachable(path, exc.strerror or type(exc).__name__)
+    return AgentUnreachable(path, str(exc))
 
 
 class _Disconnected(Exception):

@@ -272,6 +272,7 @@ class Worker:
     def __init__(self, config: AgentConfig, channel: _Channel, listen: socket.socket) -> None:
         self.state = WorkerState(config)
         self.api = SigningApi(self.state)
+        self.local = {("POST", "/v1/sign"): self.api.sign, ("POST", "/v1/jwt"): self.api.jwt}
         self.channel = channel
         self.server = UnixHttpServer(
             self.handle,
@@ -286,18 +287,10 @@ class Worker:
         self._metrics_sent: dict[Any, Any] = {}
 
     async def handle(self, request: Request) -> Response:
-        local = {("POST", "/v1/sign"): self.api.sign, ("POST", "/v1/jwt"): self.api.jwt}
-        handler = local.get((request.method, request.path))
+        handler = self.local.get((request.method, request.path))
         if handler is None:
             return await self._forward(request)
-        metrics = self.state.metrics
-        try:
-            response = await handler(request)
-        except ApiError as exc:
-            metrics.inc("keyquorum_requests_total", path=request.path, code=str(exc.status))
-            raise
-        metrics.inc("keyquorum_requests_total", path=request.path, code=str(response.status))
-        return response
+        return await self.api.counted(handler, request)
 
     async def _forward(self, request: Request) -> Response:
         self._next_id += 1

@@ -353,3 +353,16 @@ async def test_frames_needing_a_wait_amid_instant_ones_keep_their_order(short_tm
                     (1, 200), (2, 200), (3, 200), (4, 200), (5, 404), (6, 413), (7, 200),
                 ]  # fmt: skip
                 assert "token" in json.loads(got[1][2])
+
+
+@pytest.mark.parametrize("protocol", ["framed", "http"])
+async def test_a_client_reconnects_once_when_the_agent_restarted(
+    short_tmp: Path, protocol: str
+) -> None:
+    """The client's idle connection died with the agent: the next call retries on a new one."""
+    config = config_for(short_tmp, keys=QUIET_KEYS)
+    with Client(config.socket.path, protocol=protocol) as client:
+        async with running(config):
+            assert (await trio.to_thread.run_sync(client.sign, b"before")).signature
+        async with running(config):
+            assert (await trio.to_thread.run_sync(client.sign, b"after")).signature

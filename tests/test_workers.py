@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from cluster_tools import wait_until
 from helpers import QUIET_KEYS, write_config
 
 from agent.client import Client
@@ -32,13 +32,6 @@ def children_of(pid: int) -> set[int]:
     return found
 
 
-def wait_until(predicate: object, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def signatures_total(client: Client) -> float:
     total = 0.0
     for line in client.metrics().splitlines():
@@ -51,7 +44,7 @@ def test_workers_sign_verifiable_signatures_and_forward_everything_else(short_tm
     config = write_config(short_tmp, keys=QUIET_KEYS, sections={"socket": {"workers": 3}})
     socket_path = short_tmp / "agent.sock"
     with agent_process(config, socket_path) as process:
-        wait_until(lambda: len(children_of(process.pid)) == 2)
+        wait_until(lambda: len(children_of(process.pid)) == 2, 20, "two worker processes")
         failures: list[str] = []
         results: list[tuple[bytes, str, bytes]] = []
 
@@ -81,7 +74,9 @@ def test_workers_sign_verifiable_signatures_and_forward_everything_else(short_tm
                 with Client(socket_path) as fresh:
                     assert fresh.status()["node_id"] == "n1"
             # The workers' counts reach the agent's /metrics (reported every second).
-            wait_until(lambda: signatures_total(client) >= len(results))
+            wait_until(
+                lambda: signatures_total(client) >= len(results), 20, "every signature counted"
+            )
             # An operator's rotation reaches every process: all of them sign with the new key
             # once it is active (here: rollback to the key created before, after a rotate).
             created = client.rotate()["created"]
@@ -91,7 +86,7 @@ def test_workers_sign_verifiable_signatures_and_forward_everything_else(short_tm
 def test_workers_stop_when_the_agent_process_dies(short_tmp: Path) -> None:
     config = write_config(short_tmp, keys=QUIET_KEYS, sections={"socket": {"workers": 2}})
     with agent_process(config, short_tmp / "agent.sock") as process:
-        wait_until(lambda: len(children_of(process.pid)) == 1)
+        wait_until(lambda: len(children_of(process.pid)) == 1, 20, "one worker process")
         (worker,) = children_of(process.pid)
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
@@ -103,7 +98,7 @@ def test_workers_stop_when_the_agent_process_dies(short_tmp: Path) -> None:
             except OSError:
                 return True
 
-        wait_until(gone)
+        wait_until(gone, 20, "the workers to exit")
 
 
 def test_workers_need_keys_in_memory(short_tmp: Path) -> None:
