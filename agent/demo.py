@@ -234,8 +234,17 @@ default_ttl = "1s"
 """
 
 
-def cluster_configs(workdir: Path, endpoints: list[str], count: int = 3) -> list[Path]:
-    """One config per node under workdir/n<i>, all on the same etcd prefix and the same KEK."""
+def cluster_configs(
+    workdir: Path,
+    endpoints: list[str],
+    count: int = 3,
+    *,
+    prefix: str = "/keyquorum/demo",
+    timing: str = CLUSTER_TIMING,
+    log_level: str | None = None,
+) -> list[Path]:
+    """One config per node under workdir/n<i>, all on the same etcd prefix and the same KEK;
+    `timing` is the [keys] and [jwt] tables."""
     kek = os.urandom(32)
     configs = []
     for i in range(1, count + 1):
@@ -246,11 +255,12 @@ def cluster_configs(workdir: Path, endpoints: list[str], count: int = 3) -> list
         (state / "kek").chmod(0o600)
         config = node / "agent.toml"
         config.write_text(
-            f'node_id = "n{i}"\nstate_dir = "{state}"\n\n'
-            f'[socket]\npath = "{node / "agent.sock"}"\n\n'
-            f'[store]\nkind = "etcd"\nendpoints = {endpoints!r}\nprefix = "/keyquorum/demo"\n'
+            f'node_id = "n{i}"\nstate_dir = "{state}"\n'
+            + (f'log_level = "{log_level}"\n' if log_level else "")
+            + f'\n[socket]\npath = "{node / "agent.sock"}"\n\n'
+            f'[store]\nkind = "etcd"\nendpoints = {endpoints!r}\nprefix = "{prefix}"\n'
             f"timeout = 1.0\n\n"
-            f'[backend]\nkind = "local"\nkek_file = "{state / "kek"}"\n' + CLUSTER_TIMING
+            f'[backend]\nkind = "local"\nkek_file = "{state / "kek"}"\n' + timing
         )
         configs.append(config)
     return configs

@@ -22,7 +22,7 @@ import trio
 
 from agent.client import AgentError, AsyncClient, Client
 from agent.crypto import Signer, generate_private_key, private_key_to_pkcs8
-from agent.demo import agent_process
+from agent.demo import agent_process, cluster_configs
 from agent.keyset import KeyRecord, KeySet, dump_keyset
 from backends.envelope import seal
 from backends.local import LocalKekWrapper
@@ -118,29 +118,21 @@ def rotation(duration: float, workers: int) -> dict[str, Any]:
 
 # ---- a three-agent cluster on etcd ---------------------------------------------------------------
 
-CLUSTER_TIMING = {
-    "key_ttl": "10m", "rotation_threshold": "1m", "grace_period": "4s", "check_interval": "250ms",
-    "jwks_max_age": "1s", "max_clock_skew": "200ms", "max_token_ttl": "1s",
-    "outage_budget": "10s", "lease_ttl": "2s",
-}  # fmt: skip
+CLUSTER_TIMING = """
+[keys]
+key_ttl = "10m"
+rotation_threshold = "1m"
+grace_period = "4s"
+check_interval = "250ms"
+jwks_max_age = "1s"
+max_clock_skew = "200ms"
+max_token_ttl = "1s"
+outage_budget = "10s"
+lease_ttl = "2s"
 
-
-def _cluster_config(directory: Path, node: str, endpoints: list[str], kek: bytes) -> Path:
-    state = directory / "state"
-    state.mkdir(parents=True)
-    (state / "kek").write_bytes(kek)
-    (state / "kek").chmod(0o600)
-    config = directory / "agent.toml"
-    config.write_text(
-        f'node_id = "{node}"\nstate_dir = "{state}"\nlog_level = "warning"\n\n'
-        f'[socket]\npath = "{directory / "agent.sock"}"\n\n'
-        f'[store]\nkind = "etcd"\nendpoints = {json.dumps(endpoints)}\n'
-        f'prefix = "/keyquorum/bench"\ntimeout = 1.0\n\n'
-        f'[backend]\nkind = "local"\nkek_file = "{state / "kek"}"\n\n[keys]\n'
-        + "".join(f'{k} = "{v}"\n' for k, v in CLUSTER_TIMING.items())
-        + '\n[jwt]\ndefault_ttl = "1s"\n'
-    )
-    return config
+[jwt]
+default_ttl = "1s"
+"""
 
 
 def _status(sock: Path) -> dict[str, Any]:
@@ -169,18 +161,21 @@ def cluster(directory: Path, *, quick: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {}
     try:
         etcd.start()
-        kek = os.urandom(32)
-        socks = {f"n{i}": root / f"n{i}" / "agent.sock" for i in (1, 2, 3)}
+        configs = cluster_configs(
+            root,
+            etcd.endpoints,
+            prefix="/keyquorum/bench",
+            timing=CLUSTER_TIMING,
+            log_level="warning",
+        )
+        socks = {config.parent.name: config.parent / "agent.sock" for config in configs}
         with ExitStack() as stack:
             procs = {
-                node: stack.enter_context(
-                    agent_process(
-                        _cluster_config(sock.parent, node, etcd.endpoints, kek), sock,
-                        ready_timeout=60,
-                    )
+                config.parent.name: stack.enter_context(
+                    agent_process(config, config.parent / "agent.sock", ready_timeout=60)
                 )
-                for node, sock in socks.items()
-            }  # fmt: skip
+                for config in configs
+            }
 
             def leader() -> str | None:
                 roles = {n: _status(s)["role"] for n, s in socks.items() if procs[n].poll() is None}

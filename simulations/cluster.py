@@ -358,7 +358,6 @@ class Cluster:
         self.signatures = 0
         self.verifications = 0
         self.events_run = 0
-        self.writes = 0
         self.fenced = 0
         self.sign_log: dict[str, int] = {}  # kid -> latest exp of a token it signed
         self.published_at: dict[str, int] = {}  # kid -> true time its record was first written
@@ -855,7 +854,6 @@ class Cluster:
             term = leader.create_revision if leader else None
             if not self.etcd.txn(compares, [(self.KEYSET, data, 0)]):
                 return (False, term)
-            self.writes += 1
             revision = self.etcd.kv[self.KEYSET].mod_revision
             if term != fence:
                 raise Violation(
